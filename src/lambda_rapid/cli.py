@@ -1,0 +1,83 @@
+"""``lambda-runtime-api-daemon [RIE FLAGS] [CMD ARGS...]``: argv and environment -> Config -> Daemon.
+
+Start-up errors (bad settings, missing bootstrap, a command that cannot run, a port in use) end
+the process with one clear line on stderr and exit status 1, before anything is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from typing import Optional, Sequence
+
+from . import __version__, logs
+from . import config as config_module
+
+PROG = "lambda-runtime-api-daemon"
+USAGE = f"""usage: {PROG} [--runtime-interface-emulator-address HOST:PORT] [--runtime-api-address HOST:PORT]
+                                 [--log-level LEVEL] [CMD ARGS...]
+
+Serve one AWS Lambda function over the Invoke API (HTTP) and, with AMQP_URI set, AMQP-RPC.
+CMD ARGS is the runtime command, e.g. `python3 -m awslambdaric echo.handler`; without it the
+first of /var/task/bootstrap, /opt/bootstrap, /var/runtime/bootstrap is run.
+Settings are environment variables: see the README."""
+
+
+def fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def copy_self_to_tmp() -> int:
+    """KUBERNETES_INIT_CONTAINER: put the daemon's executable into /tmp (a shared volume) and exit."""
+    source = os.environ.get("LAMBDA_RAPID_EXECUTABLE") or os.path.realpath(sys.argv[0])
+    target = os.path.join("/tmp", os.path.basename(source))
+    try:
+        shutil.copy2(source, target)
+    except OSError as e:
+        return fail(f"cannot copy {source} to {target}: {e}")
+    print(f"{PROG}: copied {source} to {target}", file=sys.stderr)
+    return 0
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if args[:1] == ["--version"]:
+        print(f"{PROG} {__version__}")
+        return 0
+    try:
+        config = config_module.load(args, os.environ)
+    except config_module.ConfigError as e:
+        return fail(str(e))
+    if config.kubernetes_init_container:
+        return copy_self_to_tmp()
+    logs.setup(config.log_level, config.structured_logging)
+
+    from .daemon import Daemon, StartupError
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        daemon = Daemon(config)
+        return loop.run_until_complete(daemon.run())
+    except StartupError as e:
+        return fail(str(e))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

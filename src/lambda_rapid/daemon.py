@@ -1,0 +1,192 @@
+"""Composition root: build the pool, the APIs and the listeners from a Config, run until a signal,
+then shut down gracefully (drain, stop the runtimes' process groups, exit 0).
+
+This is where lifecycles meet: the only place that starts listeners, installs signal handlers and
+starts the optional AMQP front door (imported only when ``AMQP_URI`` is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Optional
+
+from . import metrics
+from .config import Config, redact_uri
+from .httpserver import HttpServer
+from .invoke_api import InvokeApi
+from .pool import Instance, Pool
+from .process import OutputSink, ProcessManager, peak_rss_of_group
+from .runtime_api import RuntimeApi
+
+log = logging.getLogger("lambda_rapid.daemon")
+
+SHUTDOWN_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the runtimes at exit (AWS: 2 s for extensions)
+
+
+class StartupError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_event_loop()
+        self.procs = ProcessManager(self.loop)
+        self.sink = OutputSink()
+        self.pool = Pool(config, self._launch, self._signal_instance, self.sink.write)
+        self.runtime_api = RuntimeApi(self.pool, config)
+        self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool))
+        self.invoke_api.ready = self.ready
+        self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
+        self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)
+        self.instance_host = config.runtime_host
+        if self.instance_host in ("0.0.0.0", "", "::"):
+            self.instance_host = "127.0.0.1"
+        self.stopping: Optional[asyncio.Event] = None
+        self.signals = 0
+        self.amqp = None
+
+    def ready(self) -> bool:
+        if not self.pool.accepting:
+            return False
+        warm = sum(1 for i in self.pool.instances if i.state == "ready")
+        return warm >= self.config.min_instances
+
+    # ---- instances ---------------------------------------------------------------------------
+    def _launch(self, instance: Instance) -> None:
+        """Start an instance: its own Runtime API listener, then its runtime process group."""
+        family = socket.AF_INET6 if ":" in self.instance_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.instance_host, 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]
+            env = dict(self.config.runtime_env)
+            host = f"[{self.instance_host}]" if family == socket.AF_INET6 else self.instance_host
+            env["AWS_LAMBDA_RUNTIME_API"] = f"{host}:{port}"
+            env["_INSTANCE"] = str(instance.number)
+            instance.log_stream = (time.strftime("%Y/%m/%d/", time.gmtime())
+                                   + f"[{self.config.function_version}]{os.urandom(16).hex()}")
+            env.setdefault("AWS_LAMBDA_LOG_STREAM_NAME", instance.log_stream)
+            child = self.procs.spawn(
+                self.config.command, env, self.config.cwd,
+                on_output=lambda data: self._output(instance, data),
+                on_exit=lambda status: self.pool.instance_exited(instance, status))
+        except BaseException:
+            sock.close()
+            raise
+        instance.pid = child.pid
+        instance.drain = child.read_available
+        instance.peak_rss = lambda: peak_rss_of_group(child.pid)
+        log.info("started instance #%d: pid %d, runtime API %s", instance.number, child.pid,
+                 env["AWS_LAMBDA_RUNTIME_API"])
+        listening = self.loop.create_task(self.runtime_http.listen("", sock=sock, context=instance))
+
+        def close() -> None:
+            if listening.done() and not listening.cancelled() and listening.exception() is None:
+                self.runtime_http.forget(listening.result())
+            else:
+                listening.cancel()
+                sock.close()
+
+        instance.close = close
+
+    def _output(self, instance: Instance, data: bytes) -> None:
+        self.sink.write(data)
+        for inv in instance.held.values():
+            if inv.log is not None:
+                inv.add_log(data)
+
+    def _signal_instance(self, instance: Instance, sig: int) -> None:
+        if instance.pid:
+            self.procs.signal_group(instance.pid, sig)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        self.procs.install()
+        try:
+            await self.runtime_http.listen(config.runtime_host, config.runtime_port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on the Runtime API address "
+                               f"{config.runtime_host}:{config.runtime_port}: {e.strerror or e}") from None
+        try:
+            await self.invoke_http.listen(config.invoke_host, config.invoke_port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on the Invoke API address "
+                               f"{config.invoke_host}:{config.invoke_port}: {e.strerror or e}") from None
+        log.info("function %s (version %s, timeout %gs, MAX_CONCURRENCY %d): Invoke API on %s:%d, "
+                 "Runtime API on %s:%d", config.function_name, config.function_version, config.timeout,
+                 config.max_concurrency, config.invoke_host, config.invoke_port, config.runtime_host,
+                 config.runtime_port)
+        self.pool.start_idle_reaper()
+        self.pool.spawn_to_minimum()
+        if config.amqp_uri:
+            from .amqp_rpc import AmqpRpc  # only paid for when AMQP is on
+
+            log.info("AMQP-RPC on %s, queue %s", redact_uri(config.amqp_uri), config.function_name)
+            self.amqp = AmqpRpc(self.pool, config)
+            await self.amqp.start()
+
+    async def run(self) -> int:
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.start()
+        await self.stopping.wait()
+        await self.shutdown()
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("received %s: draining", signal.Signals(sig).name)
+            self.pool.accepting = False
+            assert self.stopping is not None
+            self.stopping.set()
+        else:
+            log.info("received %s again: shortening the grace period", signal.Signals(sig).name)
+            for task in asyncio.all_tasks(self.loop):
+                if task.get_name() == "drain":
+                    task.cancel()
+
+    async def shutdown(self) -> None:
+        pool = self.pool
+        pool.accepting = False
+        if self.amqp is not None:
+            await self.amqp.stop_consuming()
+        drain = self.loop.create_task(pool.drain(self.config.timeout + 1.0), name="drain")
+        try:
+            await drain
+        except asyncio.CancelledError:
+            pass
+        pool.reject_queued()
+        if self.amqp is not None:
+            await self.amqp.close()
+        self.invoke_http.close()
+        await self._stop_instances()
+        self.runtime_http.close()
+        self.invoke_http.close_connections()
+        self.runtime_http.close_connections()
+        log.info("stopped")
+
+    async def _stop_instances(self) -> None:
+        instances = [i for i in self.pool.instances if i.pid]
+        for instance in instances:
+            instance.kill_reason = instance.kill_reason or "shutdown"
+            self.procs.signal_group(instance.pid, signal.SIGTERM)
+        deadline = self.loop.time() + (0.5 if self.signals > 1 else SHUTDOWN_GRACE)
+        while self.procs.children and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for pid in list(self.procs.children):
+            self.procs.signal_group(pid, signal.SIGKILL)
+        deadline = self.loop.time() + 2.0
+        while self.procs.children and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        self.procs.reap()

@@ -1,0 +1,98 @@
+"""AWS error shapes as data: API-level errors (status, x-amzn-ErrorType, body) and function-level
+error bodies (200 + X-Amz-Function-Error). Every front door renders errors from here.
+
+Body member names follow botocore's Lambda model: ``message`` (lower case) for
+InvalidRequestContent / RequestTooLarge / TooManyRequests / InvalidParameterValue, ``Message`` for
+ResourceNotFound and Service, so boto3 raises the modelled exception with the right text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+SYNC_REQUEST_LIMIT = 6_291_456
+EVENT_REQUEST_LIMIT = 1_048_576
+RESPONSE_LIMIT = 6_291_556
+
+
+@dataclass(frozen=True)
+class ApiError:
+    status: int
+    code: str
+    fault: str  # "User" or "Service"
+    message_key: str  # "message" or "Message"
+    retry_after: bool = False
+
+    def body(self, message: str, **extra: str) -> bytes:
+        doc = {"Type": self.fault}
+        doc.update(extra)
+        doc[self.message_key] = message
+        return json.dumps(doc).encode()
+
+
+INVALID_REQUEST_CONTENT = ApiError(400, "InvalidRequestContentException", "User", "message")
+INVALID_PARAMETER_VALUE = ApiError(400, "InvalidParameterValueException", "User", "message")
+RESOURCE_NOT_FOUND = ApiError(404, "ResourceNotFoundException", "User", "Message")
+REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "message")
+TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
+SERVICE = ApiError(503, "ServiceException", "Service", "Message")
+BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
+UNSUPPORTED_MEDIA_TYPE = ApiError(415, "UnsupportedMediaTypeException", "User", "message")
+
+
+def throttled_body() -> bytes:
+    return TOO_MANY_REQUESTS.body("Rate Exceeded.", Reason="ReservedFunctionConcurrentInvocationLimitExceeded")
+
+
+def request_too_large_message(limit: int) -> str:
+    return f"Request must be smaller than {limit} bytes for the InvokeFunction operation"
+
+
+def not_found_message(arn: str) -> str:
+    return f"Function not found: {arn}"
+
+
+# ---- function-level errors: HTTP 200 with X-Amz-Function-Error: Unhandled --------------------
+
+def function_error(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
+
+
+def timeout_error(request_id: str, timeout: float) -> bytes:
+    return function_error("Sandbox.Timedout",
+                          f"RequestId: {request_id} Error: Task timed out after {timeout:.2f} seconds")
+
+
+def init_timeout_error(request_id: str, timeout: float) -> bytes:
+    return function_error("Sandbox.Timedout",
+                          f"RequestId: {request_id} Error: Init phase timed out after {timeout:.2f} seconds")
+
+
+def exit_error(request_id: str, status: str) -> bytes:
+    return function_error("Runtime.ExitError",
+                          f"RequestId: {request_id} Error: Runtime exited with error: {status}")
+
+
+def response_too_large_error() -> bytes:
+    return function_error(
+        "Function.ResponseSizeTooLarge",
+        f"Response payload size exceeded maximum allowed payload size ({RESPONSE_LIMIT} bytes).")
+
+
+def spawn_error(request_id: str, reason: str) -> bytes:
+    return function_error("Runtime.InvalidEntrypoint", f"RequestId: {request_id} Error: {reason}")
+
+
+def runtime_error_body(body: bytes, error_type: Optional[str]) -> bytes:
+    """What a caller gets for a runtime's /error or /init/error post (the body as posted)."""
+    if body.strip():
+        return body
+    return function_error(error_type or "Runtime.Unknown", "The runtime reported an error without a body.")
+
+
+# ---- Runtime API errors (to runtimes) --------------------------------------------------------
+
+def runtime_api_error(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()

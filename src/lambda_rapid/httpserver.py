@@ -1,0 +1,302 @@
+"""A small, fast HTTP/1.1 server on asyncio protocols and httptools (llhttp) callbacks.
+
+It owns framing only: parsing, keep-alive, pipelining order, limits (header bytes, body bytes, slow
+clients) and writing responses. It knows nothing about Lambda: each complete request goes to the
+application's ``handle(request)``, which answers now or later with ``request.respond(...)``. No
+task or future is created per request; the hot path is a handful of callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Callable, Optional
+
+import httptools
+
+log = logging.getLogger("lambda_rapid.http")
+
+MAX_HEADER_BYTES = 65536
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_JSON = b"content-type: application/json\r\n"
+
+
+def header(name: str, value: str) -> bytes:
+    """One encoded header line; values are sanitised so a caller's bytes can't split headers."""
+    if "\r" in value or "\n" in value:
+        value = value.replace("\r", " ").replace("\n", " ")
+    return f"{name}: {value}\r\n".encode("latin-1", "replace")
+
+
+class _StopParsing(Exception):
+    pass
+
+
+class Request:
+    """One parsed request. ``respond`` may be called once, now or later, from any callback."""
+
+    __slots__ = ("conn", "method", "path", "query", "headers", "body", "keep_alive", "too_large",
+                 "limit", "_parts", "_size", "on_abandon", "answered")
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.method = ""
+        self.path = ""
+        self.query = ""
+        self.headers: dict = {}
+        self.body = b""
+        self.keep_alive = True
+        self.too_large = False
+        self.limit = 0
+        self._parts: list = []
+        self._size = 0
+        self.on_abandon: Optional[Callable[[], None]] = None
+        self.answered = False
+
+    def respond(self, status: int, headers: bytes = b"", body: bytes = b"", close: bool = False) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        self.conn.write_response(self, status, headers, body, close)
+
+    def respond_json(self, status: int, body: bytes, headers: bytes = b"") -> None:
+        self.respond(status, _JSON + headers, body)
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = ("server", "app", "transport", "parser", "current", "active", "pending", "started",
+                 "idle_since", "header_bytes", "url_parts", "context", "closed", "peer")
+
+    def __init__(self, server: HttpServer, context: object = None) -> None:
+        self.server = server
+        self.app = server.app
+        self.transport: Optional[asyncio.Transport] = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: Optional[Request] = None
+        self.active: Optional[Request] = None
+        self.pending: deque = deque()
+        self.started = 0.0
+        self.idle_since = 0.0
+        self.header_bytes = 0
+        self.url_parts: list = []
+        self.context = context  # application data bound to the listener (e.g. its runtime instance)
+        self.closed = False
+        self.peer = None
+
+    # ---- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        self.idle_since = self.server.now
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except _StopParsing:
+            pass
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _StopParsing):
+                return
+            log.exception("error while handling a request from %s", self.peer)
+            self._fail(500, "internal error")
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as e:
+            log.info("bad HTTP from %s: %s", self.peer, e)
+            self._fail(400, "malformed HTTP request")
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        requests = [self.active] if self.active is not None else []
+        requests.extend(self.pending)
+        self.active = None
+        self.pending.clear()
+        for request in requests:
+            if request.on_abandon is not None and not request.answered:
+                request.answered = True
+                try:
+                    request.on_abandon()
+                except Exception:
+                    log.exception("error while abandoning a request")
+
+    # ---- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.current = Request(self)
+        self.header_bytes = 0
+        self.url_parts = []
+        self.started = self.server.now or 1.0
+
+    def on_url(self, url: bytes) -> None:
+        self.header_bytes += len(url)
+        self.url_parts.append(url)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._fail(431, "request headers too large")
+            raise _StopParsing()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self._fail(431, "request headers too large")
+            raise _StopParsing()
+        key = name.decode("latin-1").lower()
+        headers = self.current.headers  # type: ignore[union-attr]
+        text = value.decode("latin-1")
+        headers[key] = headers[key] + "," + text if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        request.method = self.parser.get_method().decode("latin-1")
+        url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
+        path, _, query = url.partition(b"?")
+        request.path = path.decode("latin-1")
+        request.query = query.decode("latin-1")
+        request.keep_alive = self.parser.should_keep_alive()
+        request.limit = limit = self.app.body_limit(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            request.too_large = True
+
+    def on_body(self, body: bytes) -> None:
+        request = self.current
+        if request.too_large:  # type: ignore[union-attr]
+            return  # read and drop: the client is answered 413 once it has sent everything
+        request._size += len(body)  # type: ignore[union-attr]
+        if request._size > request.limit:  # type: ignore[union-attr]
+            request.too_large = True  # type: ignore[union-attr]
+            request._parts = []  # type: ignore[union-attr]
+            return
+        request._parts.append(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        request = self.current
+        assert request is not None
+        self.current = None
+        self.started = 0.0
+        parts = request._parts
+        if parts:
+            request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            request._parts = []
+        if self.active is None:
+            self.active = request
+            self.app.handle(request)
+        else:
+            self.pending.append(request)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    # ---- writing -----------------------------------------------------------------------------
+    def write_response(self, request: Request, status: int, headers: bytes, body: bytes, close: bool) -> None:
+        if self.closed:
+            return
+        close = close or not request.keep_alive
+        head = b"".join((
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            headers,
+            self.server.date_header,
+            b"connection: close\r\n" if close else b"",
+            b"content-length: %d\r\n\r\n" % len(body),
+        ))
+        transport = self.transport
+        assert transport is not None
+        if len(body) < 65536:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        if request is self.active:
+            self.active = None
+        if close:
+            self.closed = True
+            transport.close()
+            return
+        self.idle_since = self.server.now
+        if self.pending and self.active is None:
+            nxt = self.pending.popleft()
+            if not self.pending:
+                transport.resume_reading()
+            self.active = nxt
+            self.app.handle(nxt)
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer a request we could not parse or accept, then close the connection."""
+        if self.closed or self.transport is None:
+            return
+        body = b'{"message":"%s"}' % message.encode()
+        self.transport.write(b"".join((
+            _STATUS_LINES[status], _JSON, self.server.date_header,
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body), body)))
+        self.closed = True
+        self.transport.close()
+
+    def timed_out(self) -> None:
+        log.info("closing connection from %s: request not received in time", self.peer)
+        self._fail(408, "request timeout")
+
+
+class HttpServer:
+    """Listeners sharing one application, connection set and housekeeping timer."""
+
+    def __init__(self, app, *, request_timeout: float = 30.0, idle_timeout: Optional[float] = None) -> None:
+        self.app = app
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set = set()
+        self.servers: list = []
+        self.now = 0.0
+        self.date_header = b""
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self.now = now = loop.time()
+        self.date_header = b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        for conn in list(self.connections):
+            if conn.started and now - conn.started > self.request_timeout:
+                conn.timed_out()
+            elif (self.idle_timeout is not None and conn.active is None and not conn.pending
+                  and conn.current is None and now - conn.idle_since > self.idle_timeout):
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._timer = loop.call_later(1.0, self._tick)
+
+    async def listen(self, host: str, port: int = 0, *, sock=None, context: object = None,
+                     backlog: int = 1024) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            self._tick()
+        if sock is not None:
+            server = await loop.create_server(lambda: HttpConnection(self, context), sock=sock, backlog=backlog)
+        else:
+            server = await loop.create_server(lambda: HttpConnection(self, context), host, port,
+                                              backlog=backlog, reuse_address=True)
+        self.servers.append(server)
+        return server
+
+    def forget(self, server: asyncio.AbstractServer) -> None:
+        if server in self.servers:
+            self.servers.remove(server)
+        server.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+
+    def close_connections(self) -> None:
+        for conn in list(self.connections):
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()

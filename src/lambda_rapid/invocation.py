@@ -1,0 +1,109 @@
+"""What flows through the system: an Invocation (made by a front door, run by the pool) and the
+Result it ends with. Neither knows about HTTP or AMQP: a front door attaches ``on_done``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from typing import Callable, Optional
+
+SUCCESS = "success"
+FUNCTION_ERROR = "function_error"
+TIMEOUT = "timeout"
+CRASH = "crash"
+INIT_ERROR = "init_error"
+THROTTLED = "throttled"
+REJECTED = "rejected"
+OUTCOMES = (SUCCESS, FUNCTION_ERROR, TIMEOUT, CRASH, INIT_ERROR, THROTTLED, REJECTED)
+
+TAIL_BYTES = 4096
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_uuid(text: str) -> bool:
+    return len(text) == 36 and _UUID.match(text) is not None
+
+
+def new_trace_id() -> str:
+    """An X-Ray trace header, as Lambda generates when the caller sent none."""
+    r = os.urandom(20).hex()
+    return f"Root=1-{int(time.time()):08x}-{r[:24]};Parent={r[24:]};Sampled=0"
+
+
+class Result:
+    """How an invocation ended. ``function_error`` marks 200 + X-Amz-Function-Error: Unhandled."""
+
+    __slots__ = ("outcome", "body", "function_error", "log_tail", "api_error")
+
+    def __init__(self, outcome: str, body: bytes, function_error: bool = False, api_error=None) -> None:
+        self.outcome = outcome
+        self.body = body
+        self.function_error = function_error
+        self.log_tail: Optional[bytes] = None
+        self.api_error = api_error  # an errors.ApiError when the call was refused (429, 503)
+
+    def __repr__(self) -> str:
+        return f"Result({self.outcome}, {self.body[:60]!r})"
+
+
+class Invocation:
+    """One call of the function, from its front door's acceptance to its Result."""
+
+    __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
+                 "qualifier", "arn", "on_done", "done", "instance", "timer", "deadline_ms",
+                 "queued_at", "started_at", "log", "trigger_of", "arrived")
+
+    def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
+                 trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
+                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None
+                 ) -> None:
+        self.request_id = request_id
+        self.payload = payload
+        self.client_context = client_context
+        self.trace_id = trace_id or new_trace_id()
+        self.invocation_type = invocation_type
+        self.tail = tail
+        self.qualifier = qualifier
+        self.arn = arn
+        self.on_done = on_done
+        self.done = False
+        self.instance = None
+        self.timer = None
+        self.deadline_ms = 0
+        self.queued_at = 0.0
+        self.started_at = 0.0
+        self.log: Optional[bytearray] = None  # this invocation's log lines (kept when someone reads them)
+        self.trigger_of = None  # the instance whose spawn this invocation caused, while it waits for it
+        self.arrived = time.monotonic()
+
+    @property
+    def is_event(self) -> bool:
+        return self.invocation_type == "Event"
+
+    def add_log(self, data: bytes) -> None:
+        buf = self.log
+        if buf is None:
+            return
+        buf += data
+        if len(buf) > 2 * TAIL_BYTES:
+            del buf[:-TAIL_BYTES]
+
+    def finish(self, result: Result) -> None:
+        """Deliver the result once; later calls (a late response after a timeout) are ignored."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        callback = self.on_done
+        if callback is not None:
+            self.on_done = None
+            callback(self, result)

@@ -1,0 +1,223 @@
+"""The AWS Lambda Invoke API over HTTP, as boto3, the AWS CLI and curl call it.
+
+Thin: validate the request as AWS does (function name, qualifier, invocation type, payload, client
+context), turn it into an Invocation for the pool, and render the Result with AWS's status codes,
+headers and error shapes. Also serves ``/_/health``, ``/_/ready``, ``/metrics`` and (OpenFaaS)
+``POST /``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import urllib.parse
+from typing import Callable, Optional
+
+from . import errors
+from .config import ACCOUNT_ID, Config
+from .httpserver import Request, header
+from .invocation import Invocation, Result, is_uuid, new_request_id
+from .pool import Pool
+
+log = logging.getLogger("lambda_rapid.invoke_api")
+
+PREFIX = "/2015-03-31/functions/"
+SUFFIX = "/invocations"
+INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
+LOG_TYPES = ("None", "Tail")
+_JSON = b"content-type: application/json\r\n"
+_FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
+_BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
+
+
+def parse_function_name(raw: str) -> tuple:
+    """(name, qualifier) from a name, NAME:Q, partial ARN or full ARN; name None if malformed."""
+    parts = raw.split(":")
+    n = len(parts)
+    if parts[0] == "arn":
+        if n in (7, 8) and parts[1].startswith("aws") and parts[2] == "lambda" and parts[5] == "function":
+            return parts[6], parts[7] if n == 8 else None
+        return None, None
+    if n in (3, 4) and parts[1] == "function":
+        return parts[2], parts[3] if n == 4 else None
+    if n == 2:
+        return parts[0], parts[1]
+    if n == 1:
+        return parts[0], None
+    return None, None
+
+
+class InvokeApi:
+    def __init__(self, pool: Pool, config: Config, metrics: Optional[Callable[[], bytes]] = None) -> None:
+        self.pool = pool
+        self.config = config
+        self.names = ("function", config.function_name)
+        self.versions = ("$LATEST", config.function_version)
+        self.metrics = metrics
+        self.ready: Callable[[], bool] = lambda: pool.accepting
+        self._ok_headers = _JSON + header("X-Amz-Executed-Version", config.function_version)
+
+    # ---- HttpServer application interface ----------------------------------------------------
+    def body_limit(self, request: Request) -> int:
+        if request.headers.get("x-amz-invocation-type") == "Event":
+            return errors.EVENT_REQUEST_LIMIT
+        return errors.SYNC_REQUEST_LIMIT
+
+    def handle(self, request: Request) -> None:
+        path = request.path
+        if path.startswith(PREFIX) and path.endswith(SUFFIX):
+            name = path[len(PREFIX):-len(SUFFIX)]
+            if "/" not in name and name:
+                if request.method != "POST":
+                    return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
+                return self.invoke(request, name)
+        elif path == "/_/health":
+            return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n", b"OK"))
+        elif path == "/_/ready":
+            return self._get(request, self._ready)
+        elif path == "/metrics" and self.metrics is not None:
+            return self._get(request, lambda: request.respond(
+                200, b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n", self.metrics()))
+        elif path == "/" and self.config.enable_openfaas:
+            if request.method != "POST":
+                return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
+            return self.invoke(request, "function")
+        self._plain_error(request, 404, "Not Found")
+
+    @staticmethod
+    def _get(request: Request, answer: Callable[[], None]) -> None:
+        if request.method not in ("GET", "HEAD"):
+            return InvokeApi._plain_error(request, 405, "Method Not Allowed", header("Allow", "GET"))
+        answer()
+
+    def _ready(self, request: Request) -> None:
+        if self.ready():
+            request.respond(200, b"content-type: text/plain\r\n", b"OK")
+        else:
+            request.respond(503, b"content-type: text/plain\r\n", b"Not Ready")
+
+    @staticmethod
+    def _plain_error(request: Request, status: int, message: str, extra: bytes = b"") -> None:
+        request.respond_json(status, json.dumps({"message": message}).encode(), extra)
+
+    # ---- invoke ------------------------------------------------------------------------------
+    def invoke(self, request: Request, raw_name: str) -> None:
+        headers = request.headers
+        sdk_id = headers.get("amz-sdk-invocation-id")
+        if sdk_id is not None and is_uuid(sdk_id) and not self.pool.is_active(sdk_id.lower()):
+            request_id = sdk_id.lower()
+        else:
+            request_id = new_request_id()
+        rid = header("x-amzn-RequestId", request_id)
+
+        invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
+        if invocation_type not in INVOCATION_TYPES:
+            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                               f"Unsupported invocation type {invocation_type!r}; "
+                               f"use one of {', '.join(INVOCATION_TYPES)}.")
+        if request.too_large:
+            return self._error(request, rid, errors.REQUEST_TOO_LARGE,
+                               errors.request_too_large_message(request.limit))
+
+        name, qualifier = parse_function_name(urllib.parse.unquote(raw_name))
+        query_qualifier = None
+        if request.query:
+            values = urllib.parse.parse_qs(request.query).get("Qualifier")
+            if values:
+                query_qualifier = values[0]
+        if qualifier is not None and query_qualifier is not None and qualifier != query_qualifier:
+            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                               "The derived qualifier from the function name does not match the specified "
+                               "qualifier.")
+        qualifier = qualifier if qualifier is not None else query_qualifier
+        if name not in self.names or (qualifier is not None and qualifier not in self.versions):
+            shown = name if name else raw_name
+            arn = f"arn:aws:lambda:{self.config.region}:{ACCOUNT_ID}:function:{shown}"
+            if qualifier is not None:
+                arn += f":{qualifier}"
+            return self._error(request, rid, errors.RESOURCE_NOT_FOUND, errors.not_found_message(arn))
+
+        log_type = headers.get("x-amz-log-type", "None")
+        if log_type not in LOG_TYPES:
+            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                               f"Unsupported log type {log_type!r}; use None or Tail.")
+
+        client_context = None
+        encoded = headers.get("x-amz-client-context")
+        if encoded:
+            client_context = decode_client_context(encoded)
+            if client_context is None:
+                return self._error(request, rid, errors.INVALID_REQUEST_CONTENT, _BAD_CONTEXT)
+
+        payload = request.body
+        if not payload.strip():
+            payload = b"{}"  # AWS hands an empty payload to the function as {}
+        else:
+            try:
+                json.loads(payload)
+            except ValueError as e:
+                return self._error(request, rid, errors.INVALID_REQUEST_CONTENT,
+                                   f"Could not parse request body into json: Could not parse payload into "
+                                   f"json: {e}")
+
+        if invocation_type == "DryRun":
+            return request.respond(204, rid)
+
+        inv = Invocation(request_id, payload, arn=self.config.function_arn, client_context=client_context,
+                         trace_id=headers.get("x-amzn-trace-id"), invocation_type=invocation_type,
+                         tail=log_type == "Tail", qualifier=qualifier)
+        if invocation_type == "Event":
+            return self._invoke_event(request, rid, inv)
+        inv.on_done = lambda _inv, result: self._reply(request, rid, result)
+        request.on_abandon = lambda: self.pool.abandon(inv)
+        self.pool.submit(inv)
+
+    def _invoke_event(self, request: Request, rid: bytes, inv: Invocation) -> None:
+        refused: list = []
+        inv.on_done = lambda _inv, result: refused.append(result)
+        self.pool.submit(inv)
+        if refused and refused[0].api_error is not None:
+            return self._reply(request, rid, refused[0])
+        if not inv.done:
+            inv.on_done = _event_done
+        request.respond(202, rid)
+
+    def _reply(self, request: Request, rid: bytes, result: Result) -> None:
+        api_error = result.api_error
+        if api_error is not None:
+            extra = rid + header("x-amzn-ErrorType", api_error.code)
+            if api_error.retry_after:
+                extra += header("Retry-After", str(max(1, int(self.config.timeout))))
+            return request.respond_json(api_error.status, result.body, extra)
+        headers = self._ok_headers + rid
+        if result.function_error:
+            headers += _FUNCTION_ERROR
+        if result.log_tail is not None:
+            headers += b"X-Amz-Log-Result: " + base64.b64encode(result.log_tail) + b"\r\n"
+        request.respond(200, headers, result.body)
+
+    def _error(self, request: Request, rid: bytes, api_error: errors.ApiError, message: str) -> None:
+        self.pool.metrics.outcomes["rejected"] += 1
+        log.info("invoke refused (%s): %s", api_error.code, message)
+        request.respond_json(api_error.status, api_error.body(message),
+                             rid + header("x-amzn-ErrorType", api_error.code))
+
+
+def decode_client_context(encoded: str) -> Optional[str]:
+    """The decoded client context (JSON object text), or None when it is not valid."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+        doc = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    # latin-1 keeps the UTF-8 bytes as they are when the header is written out
+    return raw.decode("latin-1").replace("\r", "").replace("\n", "")
+
+
+def _event_done(inv: Invocation, result: Result) -> None:
+    if result.outcome != "success":
+        log.warning("Event invocation %s ended with %s: %s", inv.request_id, result.outcome, result.body[:300])

@@ -1,0 +1,55 @@
+"""Prometheus text exposition of the pool's counters (format 0.0.4), rendered on request.
+
+Written by hand rather than with prometheus-client: the pool bumps plain integers on the hot path
+and the text is only built when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from .pool import DURATION_BUCKETS, READY, STARTING, Pool
+
+
+def render(pool: Pool) -> bytes:
+    m = pool.metrics
+    out = [
+        "# HELP lambda_invocations_total Invocations by how they ended.",
+        "# TYPE lambda_invocations_total counter",
+    ]
+    out += [f'lambda_invocations_total{{outcome="{k}"}} {v}' for k, v in m.outcomes.items()]
+    out += [
+        "# HELP lambda_invocation_duration_seconds Time from hand-over to the runtime to its answer.",
+        "# TYPE lambda_invocation_duration_seconds histogram",
+    ]
+    cumulative = 0
+    for bound, count in zip(DURATION_BUCKETS, m.bucket_counts):
+        cumulative += count
+        out.append(f'lambda_invocation_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
+    out.append(f'lambda_invocation_duration_seconds_bucket{{le="+Inf"}} {m.duration_count}')
+    out.append(f"lambda_invocation_duration_seconds_sum {m.duration_sum:.6f}")
+    out.append(f"lambda_invocation_duration_seconds_count {m.duration_count}")
+    starting = sum(1 for i in pool.instances if i.state == STARTING)
+    busy = sum(1 for i in pool.instances if i.state == READY and i.held)
+    idle = sum(1 for i in pool.instances if i.state == READY and not i.held)
+    out += [
+        "# HELP lambda_instances Runtime instances by state.",
+        "# TYPE lambda_instances gauge",
+        f'lambda_instances{{state="starting"}} {starting}',
+        f'lambda_instances{{state="idle"}} {idle}',
+        f'lambda_instances{{state="busy"}} {busy}',
+        "# HELP lambda_queue_depth Invocations waiting for an instance.",
+        "# TYPE lambda_queue_depth gauge",
+        f"lambda_queue_depth {len(pool.queue)}",
+        "# HELP lambda_in_flight Invocations running in a runtime.",
+        "# TYPE lambda_in_flight gauge",
+        f"lambda_in_flight {len(pool.in_flight)}",
+        "# HELP lambda_instance_spawns_total Runtime instances started.",
+        "# TYPE lambda_instance_spawns_total counter",
+        f"lambda_instance_spawns_total {m.spawns}",
+        "# HELP lambda_instance_init_failures_total Instances that failed their init.",
+        "# TYPE lambda_instance_init_failures_total counter",
+        f"lambda_instance_init_failures_total {m.init_failures}",
+        "# HELP lambda_instance_kills_total Instances stopped, by reason.",
+        "# TYPE lambda_instance_kills_total counter",
+    ]
+    out += [f'lambda_instance_kills_total{{reason="{k}"}} {v}' for k, v in sorted(m.kills.items())]
+    return ("\n".join(out) + "\n").encode()

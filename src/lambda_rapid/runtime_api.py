@@ -1,0 +1,121 @@
+"""The Runtime API (``/2018-06-01/runtime/...``) that runtime processes poll and answer.
+
+Thin: it turns HTTP requests into pool calls and pool events into HTTP responses. Which instance a
+call comes from is known from the listener it arrived on (each spawned instance gets its own
+``AWS_LAMBDA_RUNTIME_API`` port); calls on the main port come from runtimes started by hand.
+Other APIs on the same port (Extensions, Telemetry) register themselves in ``routes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict
+
+from . import errors
+from .config import Config
+from .httpserver import Request, header
+from .invocation import Invocation
+from .pool import Instance, Pool, Waiter
+
+log = logging.getLogger("lambda_rapid.runtime_api")
+
+PREFIX = "/2018-06-01/runtime/"
+INVOCATION = PREFIX + "invocation/"
+NEXT = INVOCATION + "next"
+INIT_ERROR = PREFIX + "init/error"
+ACCEPTED = b'{"status":"OK"}'
+_JSON = b"content-type: application/json\r\n"
+
+
+class RuntimeApi:
+    def __init__(self, pool: Pool, config: Config) -> None:
+        self.pool = pool
+        self.config = config
+        self.arn = config.function_arn
+        self._external = 0
+        # Other APIs served on this port: path prefix -> handler(request, instance).
+        self.routes: Dict[str, Callable[[Request, Instance], None]] = {}
+
+    # ---- HttpServer application interface ----------------------------------------------------
+    def body_limit(self, request: Request) -> int:
+        return errors.RESPONSE_LIMIT
+
+    def instance_of(self, request: Request) -> Instance:
+        conn = request.conn
+        instance = conn.context
+        if instance is None:
+            # A runtime started by hand on the main port: extra capacity the daemon cannot kill.
+            self._external += 1
+            instance = conn.context = Instance(-self._external, external=True)
+        return instance
+
+    def handle(self, request: Request) -> None:
+        path = request.path
+        if path == NEXT:
+            if request.method != "GET":
+                return self._method_not_allowed(request, "GET")
+            return self._next(request)
+        if path.startswith(INVOCATION):
+            rest = path[len(INVOCATION):]
+            request_id, _, action = rest.partition("/")
+            if action in ("response", "error") and request_id:
+                if request.method != "POST":
+                    return self._method_not_allowed(request, "POST")
+                return self._result(request, request_id, action)
+        elif path == INIT_ERROR:
+            if request.method != "POST":
+                return self._method_not_allowed(request, "POST")
+            self.pool.init_error(self.instance_of(request), request.body,
+                                 request.headers.get("lambda-runtime-function-error-type"))
+            return request.respond_json(202, ACCEPTED)
+        else:
+            for prefix, route in self.routes.items():
+                if path.startswith(prefix):
+                    return route(request, self.instance_of(request))
+        request.respond_json(404, errors.runtime_api_error("NotFound", f"No route for {path}"))
+
+    # ---- routes ------------------------------------------------------------------------------
+    def _next(self, request: Request) -> None:
+        waiter = Waiter(self.instance_of(request), lambda inv: self._send_event(request, inv))
+        request.on_abandon = lambda: self.pool.waiter_gone(waiter)
+        self.pool.next(waiter)
+
+    def _send_event(self, request: Request, inv: Invocation) -> None:
+        arn = self.arn if inv.qualifier is None else f"{self.arn}:{inv.qualifier}"
+        parts = [
+            _JSON,
+            b"Lambda-Runtime-Aws-Request-Id: %s\r\n" % inv.request_id.encode(),
+            b"Lambda-Runtime-Deadline-Ms: %d\r\n" % inv.deadline_ms,
+            header("Lambda-Runtime-Invoked-Function-Arn", arn),
+            header("Lambda-Runtime-Trace-Id", inv.trace_id),
+        ]
+        if inv.client_context is not None:
+            parts.append(header("Lambda-Runtime-Client-Context", inv.client_context))
+        request.respond(200, b"".join(parts), inv.payload)
+
+    def _result(self, request: Request, request_id: str, action: str) -> None:
+        pool = self.pool
+        if request.too_large:
+            if pool.response_too_large(request_id):
+                return request.respond_json(413, errors.runtime_api_error(
+                    "RequestEntityTooLarge",
+                    f"Exceeded maximum allowed payload size ({errors.RESPONSE_LIMIT} bytes)."))
+            return self._invalid_id(request, request_id)
+        if action == "response":
+            ok = pool.respond(request_id, request.body)
+        else:
+            ok = pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
+        if ok:
+            request.respond_json(202, ACCEPTED)
+        else:
+            self._invalid_id(request, request_id)
+
+    def _invalid_id(self, request: Request, request_id: str) -> None:
+        log.info("runtime answered unknown or finished request id %r", request_id[:100])
+        request.respond_json(400, errors.runtime_api_error(
+            "InvalidRequestID", f"Invalid request ID: {request_id[:100]!r} is unknown or already answered"))
+
+    @staticmethod
+    def _method_not_allowed(request: Request, allowed: str) -> None:
+        request.respond_json(405, errors.runtime_api_error("MethodNotAllowed", f"Use {allowed}"),
+                             header("Allow", allowed))
