@@ -1,0 +1,6 @@
+"""Fails at import: awslambdaric posts /init/error and exits."""
+raise RuntimeError("cannot initialise")
+
+
+def handler(event, context):
+    return event
