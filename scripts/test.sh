@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up, RabbitMQ if it is down, then pytest (extra arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+if command -v rabbitmqctl >/dev/null 2>&1; then
+  if ! rabbitmqctl -q status >/dev/null 2>&1; then
+    echo "starting RabbitMQ" >&2
+    rabbitmq-server -detached || true
+  fi
+  rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 || rabbitmqctl await_startup
+fi
+.venv/bin/ruff check src tests bench examples
+exec .venv/bin/pytest -q "$@"
