@@ -76,7 +76,7 @@ class InvokeApi:
         elif path == "/_/health":
             return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n", b"OK"))
         elif path == "/_/ready":
-            return self._get(request, self._ready)
+            return self._get(request, lambda: self._ready(request))
         elif path == "/metrics" and self.metrics is not None:
             return self._get(request, lambda: request.respond(
                 200, b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n", self.metrics()))

@@ -35,6 +35,7 @@ from .invocation import (
 log = logging.getLogger("lambda_rapid.pool")
 
 STARTING, READY, FAILED, DEAD = "starting", "ready", "failed", "dead"
+RETURN_GRACE = 0.02  # seconds a queued invocation waits for a just-answered instance before spawning
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     300.0, 900.0)
 
@@ -55,7 +56,7 @@ class Instance:
 
     __slots__ = ("number", "external", "state", "pid", "held", "waiters", "spawned_at", "ready_at",
                  "init_duration_ms", "init_failure", "init_timer", "idle_since", "kill_reason", "first_report",
-                 "close", "drain", "peak_rss", "stop_timer", "log_stream")
+                 "close", "drain", "peak_rss", "stop_timer", "log_stream", "returning")
 
     def __init__(self, number: int, external: bool = False) -> None:
         self.number = number
@@ -77,6 +78,7 @@ class Instance:
         self.peak_rss: Optional[Callable[[], int]] = None  # peak RSS of the group in bytes
         self.stop_timer: Optional[asyncio.TimerHandle] = None
         self.log_stream = ""
+        self.returning = 0  # workers that answered and are on their way back to /next
 
     def __repr__(self) -> str:
         return f"Instance(#{self.number}, pid={self.pid}, {self.state})"
@@ -115,6 +117,7 @@ class Pool:
         self.accepted: dict = {}  # request_id -> every Invocation not yet finished
         self.instances: list = []  # managed instances (not external ones)
         self.starting = 0
+        self.returning = 0  # sum of Instance.returning: capacity that is about to be idle again
         self.busy = 0
         self.level_seen = [0.0] * (config.max_concurrency * config.runtime_max_concurrency + 64)
         self.accepting = True
@@ -124,6 +127,7 @@ class Pool:
         self.on_idle_change: Optional[Callable[[], None]] = None
         self._drained: Optional[asyncio.Future] = None
         self._idle_timer: Optional[asyncio.TimerHandle] = None
+        self._late_spawn: Optional[asyncio.TimerHandle] = None
 
     # ---- front doors ---------------------------------------------------------------------------
     def is_active(self, request_id: str) -> bool:
@@ -150,6 +154,10 @@ class Pool:
         self._enqueue(inv)
         if spawn:
             self._spawn()
+        elif self.returning and self._late_spawn is None and len(self.instances) < self.config.max_concurrency:
+            # An instance that just answered is expected back in /next within microseconds; only if
+            # it is not back soon is a new instance worth its cold start.
+            self._late_spawn = self.loop.call_later(RETURN_GRACE, self._spawn_if_still_waiting)
 
     def abandon(self, inv: Invocation) -> None:
         """The caller went away: drop it if it has not started; a running one runs to its end."""
@@ -215,6 +223,9 @@ class Pool:
     def _release(self, inv: Invocation) -> None:
         instance = inv.instance
         instance.held.pop(inv.request_id, None)
+        if instance.kill_reason is None and instance.state == READY:
+            instance.returning += 1
+            self.returning += 1
         now = time.monotonic()
         self.level_seen[self.busy] = now
         self.busy -= 1
@@ -245,7 +256,7 @@ class Pool:
         lines = (f"END RequestId: {inv.request_id}\n"
                  f"REPORT RequestId: {inv.request_id}\tDuration: {duration:.2f} ms\t"
                  f"Billed Duration: {max(1, math.ceil(duration))} ms\tMemory Size: {self.config.memory_size} MB"
-                 f"{memory}{init}\t\n").encode()
+                 f"{memory}{init}\n").encode()
         if self.reports:
             self.output(lines)
         if inv.log is not None:
@@ -259,7 +270,10 @@ class Pool:
         if instance.state in (FAILED, DEAD) or instance.kill_reason is not None:
             waiter.alive = False
             return
-        if instance.state == STARTING:
+        if instance.returning:
+            instance.returning -= 1
+            self.returning -= 1
+        elif instance.state == STARTING:
             self._ready(instance)
         queue = self.queue
         while queue:
@@ -317,9 +331,17 @@ class Pool:
         self.kill(instance, "init_error", grace=0.5)
 
     # ---- instances -----------------------------------------------------------------------------
-    def _can_spawn(self, extra: int = 0) -> bool:
-        return (len(self.instances) < self.config.max_concurrency
-                and self.starting * self.config.runtime_max_concurrency < len(self.queue) + extra)
+    def _can_spawn(self, extra: int = 0, count_returning: bool = True) -> bool:
+        coming = self.starting * self.config.runtime_max_concurrency
+        if count_returning:
+            coming += self.returning
+        return len(self.instances) < self.config.max_concurrency and coming < len(self.queue) + extra
+
+    def _spawn_if_still_waiting(self) -> None:
+        self._late_spawn = None
+        while self.queue and self._can_spawn(count_returning=False):
+            if self._spawn() is None:
+                break
 
     def _free_number(self) -> int:
         used = {i.number for i in self.instances}
@@ -430,15 +452,21 @@ class Pool:
         if instance.kill_reason is None:
             instance.kill_reason = reason
             self.metrics.kills[reason] = self.metrics.kills.get(reason, 0) + 1
+        self._forget_capacity(instance)
+        if grace > 0:
+            instance.stop_timer = self.loop.call_later(grace, self.killer, instance, 9)
+        else:
+            self.killer(instance, 9)
+
+    def _forget_capacity(self, instance: Instance) -> None:
+        """The instance will take no more work: drop its parked and returning workers."""
         if instance.waiters:
             for waiter in self.idle:
                 if waiter.instance is instance:
                     waiter.alive = False
             instance.waiters = 0
-        if grace > 0:
-            instance.stop_timer = self.loop.call_later(grace, self.killer, instance, 9)
-        else:
-            self.killer(instance, 9)
+        self.returning -= instance.returning
+        instance.returning = 0
 
     def instance_exited(self, instance: Instance, status: str) -> None:
         """The instance's runtime process has exited (reaped)."""
@@ -455,11 +483,7 @@ class Pool:
             instance.stop_timer.cancel()
         if instance in self.instances:
             self.instances.remove(instance)
-        if instance.waiters:
-            for waiter in self.idle:
-                if waiter.instance is instance:
-                    waiter.alive = False
-            instance.waiters = 0
+        self._forget_capacity(instance)
         if instance.kill_reason is None:
             self.metrics.kills["exited"] = self.metrics.kills.get("exited", 0) + 1
             log.warning("instance #%d (pid %d) exited: %s", instance.number, instance.pid, status)
@@ -504,9 +528,9 @@ class Pool:
         surplus = len(live) - keep
         if surplus <= 0:
             return
-        now = time.monotonic()
-        candidates = [i for i in live if not i.held and now - i.idle_since >= min(self.config.idle_timeout, 1e9)]
-        candidates.sort(key=lambda i: i.idle_since)
+        # Demand decides how many stay, not each instance's own idle time: with longest-idle-first
+        # dispatch a steady light load touches every instance, so none would ever sit idle long enough.
+        candidates = sorted((i for i in live if not i.held), key=lambda i: i.idle_since)
         for instance in candidates[:surplus]:
             log.info("stopping idle instance #%d (pid %d)", instance.number, instance.pid)
             self.kill(instance, "idle")
