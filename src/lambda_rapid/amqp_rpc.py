@@ -1,0 +1,305 @@
+"""The daemon's AMQP-RPC front door: messages on the function's queue in, replies out (SPEC section 8).
+
+Thin, like ``invoke_api``: it turns each request message into an Invocation for the pool and the
+Result into a reply published to the default exchange with routing key ``reply_to`` (direct
+reply-to works), the same ``correlation_id``, ``content_type`` application/json and the headers
+``X-Amz-Function-Error`` / ``X-Amz-Log-Result`` / ``X-Amz-Executed-Version``. A request is acked
+only once its reply is confirmed by the broker, so a daemon that dies mid-invocation loses nothing:
+the broker redelivers. API-level refusals (bad client context, oversized body, 429) are replies
+carrying ``x-amzn-ErrorType``; a message that cannot be understood is answered, never a crash.
+
+It never talks to the Invoke API or the Runtime API, only to the pool. Connection upkeep
+(attempts, backoff, reconnect) is ``amqp_link.BrokerLink``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import Optional
+
+from pamqp.commands import Basic
+
+from . import errors
+from .amqp_link import BrokerLink
+from .config import Config
+from .invocation import Invocation, is_uuid, new_request_id
+from .invoke_api import INVOCATION_TYPES, LOG_TYPES, decode_client_context
+from .pool import Pool
+
+log = logging.getLogger("lambda_rapid.amqp")
+
+# Messages one daemon may hold per runtime slot (running + waiting locally). The Go daemon took 5,
+# which parked requests in one replica while others idled (its bug 23); 2 keeps the next request
+# at hand when a runtime frees up without hoarding.
+PREFETCH_PER_SLOT = 2
+BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
+REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
+
+
+def prefetch_count(config: Config) -> int:
+    return config.max_concurrency * config.runtime_max_concurrency * PREFETCH_PER_SLOT
+
+
+class Refusal(Exception):
+    """A request the daemon answers with an API error instead of running it."""
+
+    def __init__(self, api_error: errors.ApiError, message: str) -> None:
+        super().__init__(message)
+        self.api_error = api_error
+        self.message = message
+
+
+class Delivery:
+    """One request message from receipt to ack (or requeue)."""
+
+    __slots__ = ("tag", "generation", "inv", "future")
+
+    def __init__(self, tag: int, generation: int) -> None:
+        self.tag = tag
+        self.generation = generation
+        self.inv: Optional[Invocation] = None
+        self.future: Optional[asyncio.Future] = None
+
+
+class AmqpRpc:
+    def __init__(self, pool: Pool, config: Config) -> None:
+        self.pool = pool
+        self.config = config
+        self.queue_name = config.function_name
+        self.versions = ("$LATEST", config.function_version)
+        self.link = BrokerLink(config.amqp_uri or "", "lambda-runtime-api-daemon " + config.function_name,
+                               self._setup, self._lost)
+        self.consumer_tag: Optional[str] = None
+        self.stopping = False
+        self.active: set = set()  # Deliveries not yet acked or requeued
+        self.tasks: set = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect in the background: the HTTP endpoint must not wait for the broker."""
+        self.link.start()
+
+    async def _setup(self, channel) -> None:
+        underlay = await channel.get_underlay_channel()
+        durable = self.config.amqp_durable
+        await channel.set_qos(prefetch_count=prefetch_count(self.config))
+        await channel.declare_queue(self.queue_name, durable=durable, auto_delete=not durable)
+        if self.stopping:
+            return
+        generation = self.link.generation
+
+        async def on_message(message) -> None:
+            await self._handle(message, generation)
+
+        ok = await underlay.basic_consume(self.queue_name, on_message, no_ack=False)
+        self.consumer_tag = ok.consumer_tag
+        log.info("consuming queue %r (prefetch %d, %s)", self.queue_name, prefetch_count(self.config),
+                 "durable" if durable else "auto-delete")
+
+    def _lost(self) -> None:
+        """The channel is gone: unacked messages go back to the queue, so drop what has not started."""
+        self.consumer_tag = None
+        for delivery in list(self.active):
+            inv = delivery.inv
+            if inv is not None and inv.instance is None and not inv.done:
+                self.pool.abandon(inv)
+                self._resolve(delivery, REQUEUE)
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumer and give back every message that has not reached a runtime."""
+        self.stopping = True
+        underlay, tag = self.link.underlay, self.consumer_tag
+        self.consumer_tag = None
+        if underlay is not None and tag is not None:
+            try:
+                await asyncio.wait_for(underlay.basic_cancel(tag), 5.0)
+            except Exception as e:
+                log.warning("could not cancel the AMQP consumer: %s", self.link.describe(e))
+        for delivery in list(self.active):
+            inv = delivery.inv
+            if inv is not None and inv.instance is None and not inv.done:
+                self.pool.abandon(inv)
+                self._resolve(delivery, REQUEUE)
+        if self.active:
+            await asyncio.sleep(0)  # let the handlers requeue
+
+    async def close(self) -> None:
+        """After the pool drained: let the last replies and acks go out, then close the connection."""
+        self.stopping = True
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5.0)
+        await self.link.close()
+
+    # ---- one message ---------------------------------------------------------------------------
+    async def _handle(self, message, generation: int) -> None:
+        delivery = Delivery(message.delivery.delivery_tag, generation)
+        self.active.add(delivery)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            await self._run(message, delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never leave a message unanswered and unacked because of a bug: it would hold a
+            # prefetch slot for the life of the channel.
+            log.exception("error while handling AMQP message %s", delivery.tag)
+            props = message.header.properties
+            try:
+                await self._answer(delivery, _text(props.reply_to), props.correlation_id,
+                                   errors.SERVICE.body("Internal error while handling the request."),
+                                   {"x-amzn-ErrorType": errors.SERVICE.code})
+            except Exception:
+                log.exception("error while answering AMQP message %s", delivery.tag)
+        finally:
+            self.active.discard(delivery)
+            if task is not None:
+                self.tasks.discard(task)
+
+    async def _run(self, message, delivery: Delivery) -> None:
+        props = message.header.properties
+        reply_to = _text(props.reply_to)
+        correlation_id = props.correlation_id
+        if self.stopping or not self.pool.accepting:
+            return await self._requeue(delivery)
+        try:
+            inv = self._invocation(message)
+        except Refusal as refusal:
+            self.pool.metrics.outcomes["rejected"] += 1
+            log.info("AMQP request refused (%s): %s", refusal.api_error.code, refusal.message)
+            body = refusal.api_error.body(refusal.message)
+            headers = {"x-amzn-ErrorType": refusal.api_error.code}
+            return await self._answer(delivery, reply_to, correlation_id, body, headers)
+
+        if inv.invocation_type == "DryRun":
+            return await self._answer(delivery, reply_to, correlation_id, b"", {"x-amzn-RequestId": inv.request_id})
+        loop = asyncio.get_event_loop()
+        future = delivery.future = loop.create_future()
+        delivery.inv = inv
+        inv.on_done = lambda _inv, result: self._resolve(delivery, result)
+        self.pool.submit(inv)
+        result = await future
+
+        if result is REQUEUE or (result.api_error is errors.SERVICE):
+            return await self._requeue(delivery)
+        if inv.is_event:
+            if result.outcome != "success":
+                log.warning("Event invocation %s ended with %s: %s", inv.request_id, result.outcome,
+                            result.body[:300])
+            return await self._answer(delivery, None, None, b"", None)
+        headers = {"X-Amz-Executed-Version": self.config.function_version, "x-amzn-RequestId": inv.request_id}
+        if result.api_error is not None:
+            headers["x-amzn-ErrorType"] = result.api_error.code
+        if result.function_error:
+            headers["X-Amz-Function-Error"] = "Unhandled"
+        if result.log_tail is not None:
+            headers["X-Amz-Log-Result"] = base64.b64encode(result.log_tail).decode()
+        await self._answer(delivery, reply_to, correlation_id, result.body, headers)
+
+    @staticmethod
+    def _resolve(delivery: Delivery, result: object) -> None:
+        future = delivery.future
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _invocation(self, message) -> Invocation:
+        """The Invocation a request message asks for, or a Refusal saying why not."""
+        props = message.header.properties
+        headers = _headers(props.headers)
+        invocation_type = headers.get("x-amz-invocation-type") or "RequestResponse"
+        if invocation_type not in INVOCATION_TYPES:
+            raise Refusal(errors.INVALID_PARAMETER_VALUE,
+                          f"Unsupported invocation type {invocation_type!r}; use one of {', '.join(INVOCATION_TYPES)}.")
+        log_type = headers.get("x-amz-log-type") or "None"
+        if log_type not in LOG_TYPES:
+            raise Refusal(errors.INVALID_PARAMETER_VALUE, f"Unsupported log type {log_type!r}; use None or Tail.")
+        qualifier = headers.get("x-amz-qualifier")
+        if qualifier is not None and qualifier not in self.versions:
+            raise Refusal(errors.RESOURCE_NOT_FOUND,
+                          errors.not_found_message(f"{self.config.function_arn}:{qualifier}"))
+        body = message.body
+        limit = errors.EVENT_REQUEST_LIMIT if invocation_type == "Event" else errors.SYNC_REQUEST_LIMIT
+        if len(body) > limit:
+            raise Refusal(errors.REQUEST_TOO_LARGE, errors.request_too_large_message(limit))
+        client_context = None
+        encoded = headers.get("x-amz-client-context")
+        if encoded:
+            client_context = decode_client_context(encoded)
+            if client_context is None:
+                raise Refusal(errors.INVALID_REQUEST_CONTENT, BAD_CONTEXT)
+        correlation_id = _text(props.correlation_id) or ""
+        if is_uuid(correlation_id) and not self.pool.is_active(correlation_id.lower()):
+            request_id = correlation_id.lower()
+        else:
+            request_id = new_request_id()
+        if not body.strip():
+            body = b"{}"  # as AWS hands an empty payload to the function
+        return Invocation(request_id, body, arn=self.config.function_arn, client_context=client_context,
+                          trace_id=headers.get("x-amzn-trace-id") or None, invocation_type=invocation_type,
+                          tail=log_type == "Tail", qualifier=qualifier)
+
+    # ---- replies and acks ----------------------------------------------------------------------
+    async def _answer(self, delivery: Delivery, reply_to: Optional[str], correlation_id: Optional[str],
+                      body: bytes, headers: Optional[dict]) -> None:
+        """Publish the reply (when one is wanted), wait for the broker's confirm, then ack."""
+        link = self.link
+        underlay = link.underlay
+        if reply_to:
+            if underlay is None:
+                log.warning("reply to %s lost: no AMQP connection (the broker redelivers the request if its "
+                            "queue survived)", correlation_id)
+                return
+            props = Basic.Properties(content_type="application/json", correlation_id=correlation_id,
+                                     headers=headers or None, delivery_mode=1)
+            try:
+                await underlay.basic_publish(body, exchange="", routing_key=reply_to, properties=props)
+            except Exception as e:
+                log.warning("reply to %s not confirmed: %s; the request stays unacked", correlation_id,
+                            link.describe(e))
+                return
+        if delivery.generation != link.generation or link.underlay is None:
+            return  # the request's channel is gone: the broker has requeued it already
+        try:
+            await link.underlay.basic_ack(delivery.tag)
+        except Exception as e:
+            log.warning("ack of message %d failed: %s", delivery.tag, link.describe(e))
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        link = self.link
+        if delivery.generation != link.generation or link.underlay is None:
+            return
+        try:
+            await link.underlay.basic_nack(delivery.tag, requeue=True)
+        except Exception as e:
+            log.warning("requeue of message %d failed: %s", delivery.tag, link.describe(e))
+
+
+def _text(value: object) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _headers(table: object) -> dict:
+    """Request headers by lower-cased name; string and byte values only (others are ignored)."""
+    result: dict = {}
+    if not isinstance(table, dict):
+        return result
+    for key, value in table.items():
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refusal(errors.INVALID_REQUEST_CONTENT, f"Header {key!r} is not UTF-8 text.") from None
+        elif not isinstance(value, str):
+            if str(key).lower().startswith(("x-amz-", "x-amzn-")):
+                raise Refusal(errors.INVALID_PARAMETER_VALUE,
+                              f"Header {key!r} must be a string, not {type(value).__name__}.")
+            continue
+        result[str(key).lower()] = value
+    return result
