@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from typing import Callable, Optional
 
 SUCCESS = "success"
@@ -24,7 +23,12 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its usual text form; quicker than str(uuid.uuid4())."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def is_uuid(text: str) -> bool:
@@ -57,7 +61,7 @@ class Invocation:
     """One call of the function, from its front door's acceptance to its Result."""
 
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
-                 "qualifier", "arn", "on_done", "done", "instance", "timer", "deadline_ms",
+                 "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
                  "queued_at", "started_at", "log", "trigger_of", "arrived")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
@@ -75,7 +79,6 @@ class Invocation:
         self.on_done = on_done
         self.done = False
         self.instance = None
-        self.timer = None
         self.deadline_ms = 0
         self.queued_at = 0.0
         self.started_at = 0.0
@@ -100,9 +103,7 @@ class Invocation:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.payload = b""  # the runtime has it; don't keep it while the invocation is remembered
         callback = self.on_done
         if callback is not None:
             self.on_done = None

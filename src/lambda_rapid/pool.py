@@ -43,12 +43,15 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Waiter:
     """A runtime (or one of its workers) parked in GET /next; ``send`` answers it with an event."""
 
-    __slots__ = ("instance", "send", "alive")
+    __slots__ = ("instance", "alive", "_send")
 
-    def __init__(self, instance: Instance, send: Callable[[Invocation], None]) -> None:
+    def __init__(self, instance: Instance, send: Optional[Callable[[Invocation], None]] = None) -> None:
         self.instance = instance
-        self.send = send
         self.alive = True
+        self._send = send
+
+    def send(self, inv: Invocation) -> None:
+        self._send(inv)  # type: ignore[misc]
 
 
 class Instance:
@@ -128,6 +131,11 @@ class Pool:
         self._drained: Optional[asyncio.Future] = None
         self._idle_timer: Optional[asyncio.TimerHandle] = None
         self._late_spawn: Optional[asyncio.TimerHandle] = None
+        # Every invocation has the same timeout, so deadlines come in start (and queue) order: one
+        # timer for the oldest of each, instead of a timer per invocation, keeps the hot path lean.
+        self.running: deque = deque()  # invocations in the order they were handed to a runtime
+        self._run_timer: Optional[asyncio.TimerHandle] = None
+        self._queue_timer: Optional[asyncio.TimerHandle] = None
 
     # ---- front doors ---------------------------------------------------------------------------
     def is_active(self, request_id: str) -> bool:
@@ -168,8 +176,6 @@ class Pool:
             except ValueError:
                 return
             inv.done = True
-            if inv.timer is not None:
-                inv.timer.cancel()
             self.accepted.pop(inv.request_id, None)
 
     def _reject(self, inv: Invocation, outcome: str, api_error: errors.ApiError, message: str) -> None:
@@ -179,33 +185,42 @@ class Pool:
 
     def _enqueue(self, inv: Invocation) -> None:
         inv.queued_at = time.monotonic()
-        if not inv.is_event:
-            inv.timer = self.loop.call_later(self.timeout, self._queue_timed_out, inv)
         self.queue.append(inv)
+        if self._queue_timer is None and not inv.is_event:
+            self._queue_timer = self.loop.call_later(self.timeout, self._expire_queue)
 
-    def _queue_timed_out(self, inv: Invocation) -> None:
-        inv.timer = None
-        if inv.done or inv.instance is not None:
-            return
-        try:
-            self.queue.remove(inv)
-        except ValueError:
-            return
-        self.accepted.pop(inv.request_id, None)
-        self._reject(inv, THROTTLED, errors.TOO_MANY_REQUESTS, "Rate Exceeded.")
+    def _expire_queue(self) -> None:
+        """Invocations that waited a whole function timeout for an instance get 429 (Events wait on)."""
+        self._queue_timer = None
+        now = time.monotonic()
+        limit = now - self.timeout
+        queue = self.queue
+        if queue and queue[0].queued_at <= limit:
+            expired = [i for i in queue if i.queued_at <= limit and not i.is_event and not i.done]
+            if expired:
+                gone = set(map(id, expired))
+                self.queue = queue = deque(i for i in queue if id(i) not in gone and not i.done)
+                for inv in expired:
+                    self.accepted.pop(inv.request_id, None)
+                    self._reject(inv, THROTTLED, errors.TOO_MANY_REQUESTS, "Rate Exceeded.")
+        for inv in queue:
+            if not inv.is_event and not inv.done:
+                self._queue_timer = self.loop.call_later(max(inv.queued_at + self.timeout - now, 0.001),
+                                                         self._expire_queue)
+                break
 
     # ---- dispatch ------------------------------------------------------------------------------
     def _start(self, inv: Invocation, waiter: Waiter) -> None:
         instance = waiter.instance
-        if inv.timer is not None:
-            inv.timer.cancel()
         inv.instance = instance
         instance.held[inv.request_id] = inv
         self.in_flight[inv.request_id] = inv
         now = time.monotonic()
         inv.started_at = now
         inv.deadline_ms = int((time.time() + self.timeout) * 1000)
-        inv.timer = self.loop.call_later(self.timeout, self._timed_out, inv)
+        self.running.append(inv)
+        if self._run_timer is None:
+            self._run_timer = self.loop.call_later(self.timeout, self._expire_running)
         self.busy += 1
         self.level_seen[self.busy] = now
         if inv.tail or self.reports:
@@ -238,6 +253,9 @@ class Pool:
         if inv.tail or self.reports:
             self._report(inv, result)
         inv.finish(result)
+        running = self.running
+        while running and running[0].done:
+            running.popleft()
         if self._drained is not None and not self.accepted:
             self._set_drained()
 
@@ -291,6 +309,9 @@ class Pool:
         if waiter.alive:
             waiter.alive = False
             waiter.instance.waiters -= 1
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self.in_flight
 
     def respond(self, request_id: str, body: bytes) -> bool:
         inv = self.in_flight.pop(request_id, None)
@@ -425,17 +446,28 @@ class Pool:
         return None
 
     def _fail_init(self, inv: Invocation, body: bytes) -> None:
-        if inv.timer is not None:
-            inv.timer.cancel()
-            inv.timer = None
         self.accepted.pop(inv.request_id, None)
         self.metrics.outcomes[INIT_ERROR] += 1
         inv.finish(Result(INIT_ERROR, body, True))
         if self._drained is not None and not self.accepted:
             self._set_drained()
 
+    def _expire_running(self) -> None:
+        self._run_timer = None
+        now = time.monotonic()
+        running = self.running
+        while running:
+            inv = running[0]
+            if inv.done:
+                running.popleft()
+            elif inv.started_at + self.timeout <= now + 0.0005:
+                running.popleft()
+                self._timed_out(inv)
+            else:
+                self._run_timer = self.loop.call_later(inv.started_at + self.timeout - now, self._expire_running)
+                return
+
     def _timed_out(self, inv: Invocation) -> None:
-        inv.timer = None
         if self.in_flight.pop(inv.request_id, None) is None:
             return
         instance = inv.instance

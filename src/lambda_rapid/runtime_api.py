@@ -27,6 +27,33 @@ ACCEPTED = b'{"status":"OK"}'
 _JSON = b"content-type: application/json\r\n"
 
 
+class NextRequest(Waiter):
+    """A runtime parked in GET /next: the pool answers it with an invocation's event."""
+
+    __slots__ = ("api", "request")
+
+    def __init__(self, api: RuntimeApi, instance: Instance, request: Request) -> None:
+        super().__init__(instance)
+        self.api = api
+        self.request = request
+
+    def send(self, inv: Invocation) -> None:
+        api = self.api
+        headers = b"".join((
+            _JSON,
+            b"Lambda-Runtime-Aws-Request-Id: %s\r\nLambda-Runtime-Deadline-Ms: %d\r\n"
+            % (inv.request_id.encode(), inv.deadline_ms),
+            api.arn_header if inv.qualifier is None else header(
+                "Lambda-Runtime-Invoked-Function-Arn", f"{api.arn}:{inv.qualifier}"),
+            header("Lambda-Runtime-Trace-Id", inv.trace_id),
+            b"" if inv.client_context is None else header("Lambda-Runtime-Client-Context", inv.client_context),
+        ))
+        self.request.respond(200, headers, inv.payload)
+
+    def gone(self) -> None:
+        self.api.pool.waiter_gone(self)
+
+
 class RuntimeApi:
     def __init__(self, pool: Pool, config: Config) -> None:
         self.pool = pool
@@ -35,6 +62,7 @@ class RuntimeApi:
         self._external = 0
         # Other APIs served on this port: path prefix -> handler(request, instance).
         self.routes: Dict[str, Callable[[Request, Instance], None]] = {}
+        self.arn_header = header("Lambda-Runtime-Invoked-Function-Arn", self.arn)
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
@@ -76,25 +104,21 @@ class RuntimeApi:
 
     # ---- routes ------------------------------------------------------------------------------
     def _next(self, request: Request) -> None:
-        waiter = Waiter(self.instance_of(request), lambda inv: self._send_event(request, inv))
-        request.on_abandon = lambda: self.pool.waiter_gone(waiter)
+        waiter = NextRequest(self, self.instance_of(request), request)
+        request.on_abandon = waiter.gone
         self.pool.next(waiter)
-
-    def _send_event(self, request: Request, inv: Invocation) -> None:
-        arn = self.arn if inv.qualifier is None else f"{self.arn}:{inv.qualifier}"
-        parts = [
-            _JSON,
-            b"Lambda-Runtime-Aws-Request-Id: %s\r\n" % inv.request_id.encode(),
-            b"Lambda-Runtime-Deadline-Ms: %d\r\n" % inv.deadline_ms,
-            header("Lambda-Runtime-Invoked-Function-Arn", arn),
-            header("Lambda-Runtime-Trace-Id", inv.trace_id),
-        ]
-        if inv.client_context is not None:
-            parts.append(header("Lambda-Runtime-Client-Context", inv.client_context))
-        request.respond(200, b"".join(parts), inv.payload)
 
     def _result(self, request: Request, request_id: str, action: str) -> None:
         pool = self.pool
+        if not request.too_large and pool.is_running(request_id):
+            # Let the runtime go back to /next first: at one connection per runtime, its turnaround,
+            # not the caller's, is what bounds the rate.
+            request.respond_json(202, ACCEPTED)
+            if action == "response":
+                pool.respond(request_id, request.body)
+            else:
+                pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
+            return
         if request.too_large:
             if pool.response_too_large(request_id):
                 return request.respond_json(413, errors.runtime_api_error(
