@@ -16,7 +16,10 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Callable, Optional
 
-import httptools
+try:
+    import httptools
+except ImportError:  # the single-file build carries no C extensions: same interface in pure Python
+    from . import httpparser as httptools  # type: ignore[no-redef]
 
 log = logging.getLogger("lambda_rapid.http")
 
