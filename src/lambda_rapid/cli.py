@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -32,6 +31,8 @@ def fail(message: str) -> int:
 
 def copy_self_to_tmp() -> int:
     """KUBERNETES_INIT_CONTAINER: put the daemon's executable into /tmp (a shared volume) and exit."""
+    import shutil
+
     source = os.environ.get("LAMBDA_RAPID_EXECUTABLE") or os.path.realpath(sys.argv[0])
     target = os.path.join("/tmp", os.path.basename(source))
     try:

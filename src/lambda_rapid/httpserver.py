@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Callable, Optional
 
@@ -26,6 +25,15 @@ log = logging.getLogger("lambda_rapid.http")
 MAX_HEADER_BYTES = 65536
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _JSON = b"content-type: application/json\r\n"
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(now: float) -> str:
+    """RFC 9110 IMF-fixdate (what email.utils.formatdate(usegmt=True) gives, without importing email)."""
+    t = time.gmtime(now)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 
 def header(name: str, value: str) -> bytes:
@@ -260,7 +268,7 @@ class HttpServer:
         loop = self._loop
         assert loop is not None
         self.now = now = loop.time()
-        self.date_header = b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        self.date_header = b"date: " + http_date(time.time()).encode() + b"\r\n"
         for conn in list(self.connections):
             if conn.started and now - conn.started > self.request_timeout:
                 conn.timed_out()
