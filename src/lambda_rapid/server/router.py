@@ -1,0 +1,388 @@
+"""The Lambda Server's Invoke API: each HTTP invoke becomes an AMQP-RPC request routed by function name.
+
+Per invoke it validates as the daemon's Invoke API does (name, qualifier, invocation type, payload,
+client context, sizes), registers the request id *before* publishing (so no reply can beat it),
+publishes to the default exchange with routing key = function name, ``mandatory`` set and
+``reply_to`` = RabbitMQ direct reply-to, and turns the reply back into the AWS response. A
+returned (unroutable) request means no daemon serves that name: 404 at once. ``Event`` is answered
+202 once the broker confirmed the request; ``DryRun`` 204 when the function's queue exists.
+
+Every wait is bounded: a reply that never comes ends in the fail-safe timeout body, a lost broker
+connection fails every waiting request at once with 502, and new requests get 503 until the link
+is back (``amqp_link.BrokerLink`` reconnects by itself). It runs no function and has no pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime
+import json
+import logging
+import time
+import urllib.parse
+from typing import Optional
+
+from aiormq.exceptions import PublishError
+from pamqp.commands import Basic
+
+from .. import errors
+from ..amqp_link import BrokerLink
+from ..config import ACCOUNT_ID
+from ..httpserver import Request, header
+from ..invocation import is_uuid, new_request_id
+from ..invoke_api import INVOCATION_TYPES, LOG_TYPES, PREFIX, SUFFIX, decode_client_context, parse_function_name
+from .config import ServerConfig
+
+log = logging.getLogger("lambda_rapid.server")
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
+API_ERRORS = {e.code: e for e in (errors.INVALID_REQUEST_CONTENT, errors.INVALID_PARAMETER_VALUE,
+                                  errors.RESOURCE_NOT_FOUND, errors.REQUEST_TOO_LARGE, errors.TOO_MANY_REQUESTS,
+                                  errors.SERVICE)}
+_JSON = b"content-type: application/json\r\n"
+_TEXT = b"content-type: text/plain\r\n"
+_FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
+OUTCOMES = ("success", "function_error", "event_accepted", "dry_run", "not_found", "timeout", "api_error",
+            "rejected", "unavailable", "broker_lost")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 900.0)
+
+
+class Pending:
+    """A RequestResponse invoke waiting for its reply."""
+
+    __slots__ = ("request", "rid", "timer", "started")
+
+    def __init__(self, request: Request, rid: str) -> None:
+        self.request = request
+        self.rid = rid
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.started = time.monotonic()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.bucket_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.bucket_counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+        self.duration_count += 1
+
+
+class Router:
+    """The HttpServer application of lambda-server, and the owner of its broker link."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.get_event_loop()
+        self.link = BrokerLink(config.amqp_uri, "lambda-server", self._setup, self._lost)
+        self.pending: dict = {}  # request id (correlation_id) -> Pending
+        self.tasks: set = set()
+        self.metrics = Metrics()
+        self.accepting = True
+
+    # ---- broker side -------------------------------------------------------------------------
+    async def _setup(self, channel) -> None:
+        underlay = await channel.get_underlay_channel()
+        # Direct reply-to: the consumer must exist (no_ack) on the channel that publishes requests.
+        await underlay.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+
+    def _lost(self) -> None:
+        """Nothing waiting can get its reply any more (direct reply-to dies with the channel)."""
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            self._api_error(p.request, p.rid, errors.BAD_GATEWAY,
+                            "The connection to the message broker was lost; the invocation may or may not have "
+                            "run.", "broker_lost")
+
+    def _on_reply(self, message) -> None:
+        props = message.header.properties
+        p = self.pending.pop(props.correlation_id, None)
+        if p is None:
+            log.debug("reply for %s: nobody is waiting (timed out or gone)", props.correlation_id)
+            return
+        if p.timer is not None:
+            p.timer.cancel()
+        self.metrics.observe(time.monotonic() - p.started)
+        headers = props.headers or {}
+        request = p.request
+        rid = header("x-amzn-RequestId", _text(headers.get("x-amzn-RequestId")) or p.rid)
+        error_type = _text(headers.get("x-amzn-ErrorType"))
+        if error_type:
+            api_error = API_ERRORS.get(error_type, errors.SERVICE)
+            self.metrics.outcomes["api_error"] += 1
+            extra = rid + header("x-amzn-ErrorType", api_error.code)
+            if api_error.retry_after:
+                extra += b"Retry-After: 1\r\n"
+            return request.respond_json(api_error.status, message.body, extra)
+        out = _JSON + rid + header("X-Amz-Executed-Version", _text(headers.get("X-Amz-Executed-Version")) or "$LATEST")
+        if headers.get("X-Amz-Function-Error") is not None:
+            out += _FUNCTION_ERROR
+            self.metrics.outcomes["function_error"] += 1
+        else:
+            self.metrics.outcomes["success"] += 1
+        tail = headers.get("X-Amz-Log-Result")
+        if tail is not None:
+            out += header("X-Amz-Log-Result", _text(tail) or "")
+        request.respond(200, out, message.body)
+
+    # ---- HttpServer application interface ----------------------------------------------------
+    def body_limit(self, request: Request) -> int:
+        if request.headers.get("x-amz-invocation-type") == "Event":
+            return errors.EVENT_REQUEST_LIMIT
+        return errors.SYNC_REQUEST_LIMIT
+
+    def handle(self, request: Request) -> None:
+        path = request.path
+        if path.startswith(PREFIX) and path.endswith(SUFFIX):
+            name = path[len(PREFIX):-len(SUFFIX)]
+            if name and "/" not in name:
+                if request.method != "POST":
+                    return _plain(request, 405, "Method Not Allowed", header("Allow", "POST"))
+                return self.invoke(request, name)
+        elif path == "/_/health":
+            return _get(request, lambda: request.respond(200, _TEXT, b"OK"))
+        elif path == "/_/ready":
+            return _get(request, lambda: request.respond(200, _TEXT, b"OK") if self.ready()
+                        else request.respond(503, _TEXT, b"Not Ready"))
+        elif path == "/metrics":
+            return _get(request, lambda: request.respond(
+                200, b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n", self.render_metrics()))
+        elif path == "/" and self.config.enable_openfaas and request.method == "POST":
+            # OpenFaaS' watchdog route names no function, so there is nothing to route it to.
+            return self._api_error(request, new_request_id(), errors.RESOURCE_NOT_FOUND,
+                                   "lambda-server routes by function name: use "
+                                   "/2015-03-31/functions/{FunctionName}/invocations", "not_found")
+        _plain(request, 404, "Not Found")
+
+    def ready(self) -> bool:
+        return self.accepting and self.link.is_up
+
+    # ---- invoke ------------------------------------------------------------------------------
+    def invoke(self, request: Request, raw_name: str) -> None:
+        headers = request.headers
+        sdk_id = headers.get("amz-sdk-invocation-id")
+        if sdk_id is not None and is_uuid(sdk_id) and sdk_id.lower() not in self.pending:
+            rid = sdk_id.lower()
+        else:
+            rid = new_request_id()
+        invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
+        if invocation_type not in INVOCATION_TYPES:
+            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                                   f"Unsupported invocation type {invocation_type!r}; "
+                                   f"use one of {', '.join(INVOCATION_TYPES)}.")
+        if request.too_large:
+            return self._api_error(request, rid, errors.REQUEST_TOO_LARGE,
+                                   errors.request_too_large_message(request.limit))
+        name, qualifier = parse_function_name(urllib.parse.unquote(raw_name))
+        query_qualifier = None
+        if request.query:
+            values = urllib.parse.parse_qs(request.query).get("Qualifier")
+            if values:
+                query_qualifier = values[0]
+        if qualifier is not None and query_qualifier is not None and qualifier != query_qualifier:
+            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                                   "The derived qualifier from the function name does not match the specified "
+                                   "qualifier.")
+        qualifier = qualifier if qualifier is not None else query_qualifier
+        if not name or len(name.encode()) > 255:
+            return self._not_found(request, rid, name or raw_name, qualifier)
+        log_type = headers.get("x-amz-log-type", "None")
+        if log_type not in LOG_TYPES:
+            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
+                                   f"Unsupported log type {log_type!r}; use None or Tail.")
+        encoded_context = headers.get("x-amz-client-context")
+        if encoded_context and decode_client_context(encoded_context) is None:
+            return self._api_error(request, rid, errors.INVALID_REQUEST_CONTENT, BAD_CONTEXT)
+        payload = request.body
+        if not payload.strip():
+            payload = b"{}"  # AWS hands an empty payload to the function as {}
+        else:
+            try:
+                json.loads(payload)
+            except ValueError as e:
+                return self._api_error(request, rid, errors.INVALID_REQUEST_CONTENT,
+                                       f"Could not parse request body into json: Could not parse payload into "
+                                       f"json: {e}")
+        if not self.accepting or not self.link.is_up:
+            return self._api_error(request, rid, errors.SERVICE,
+                                   "The message broker is not reachable; try again later.", "unavailable")
+        if invocation_type == "DryRun":
+            return self._spawn(self._dry_run(request, rid, name, qualifier))
+
+        amqp_headers = {}
+        if encoded_context:
+            amqp_headers["X-Amz-Client-Context"] = encoded_context
+        trace = headers.get("x-amzn-trace-id")
+        if trace:
+            amqp_headers["X-Amzn-Trace-Id"] = trace
+        if log_type == "Tail":
+            amqp_headers["X-Amz-Log-Type"] = "Tail"
+        if qualifier is not None:
+            amqp_headers["X-Amz-Qualifier"] = qualifier
+        event = invocation_type == "Event"
+        if event:
+            amqp_headers["X-Amz-Invocation-Type"] = "Event"
+        props = Basic.Properties(
+            content_type="application/json", correlation_id=rid, delivery_mode=1,
+            reply_to=None if event else DIRECT_REPLY_TO,
+            timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+            headers=amqp_headers or None)
+        if not event:
+            p = Pending(request, rid)
+            self.pending[rid] = p  # before publishing: a fast reply must find it (Go daemon bug 16)
+            p.timer = self.loop.call_later(self.config.timeout, self._timed_out, p)
+            request.on_abandon = lambda: self._abandon(p)
+        self._spawn(self._publish(request, rid, name, qualifier, payload, props, event))
+
+    async def _publish(self, request: Request, rid: str, name: str, qualifier: Optional[str], payload: bytes,
+                       props: Basic.Properties, event: bool) -> None:
+        underlay = self.link.underlay
+        try:
+            if underlay is None:
+                raise ConnectionError("no broker connection")
+            await underlay.basic_publish(payload, exchange="", routing_key=name, mandatory=True, properties=props)
+        except PublishError:
+            # Returned by the broker: no queue is bound to that name, so no daemon serves it.
+            log.info("%s: no queue for function %r", rid, name)
+            self._forget(rid)
+            return self._not_found(request, rid, name, qualifier)
+        except Exception as e:
+            if request.answered:
+                return
+            log.warning("%s: publish to %r failed: %s", rid, name, self.link.describe(e))
+            self._forget(rid)
+            return self._api_error(request, rid, errors.BAD_GATEWAY,
+                                   "The request could not be handed to the message broker.", "broker_lost")
+        if event:
+            self.metrics.outcomes["event_accepted"] += 1
+            request.respond(202, header("x-amzn-RequestId", rid))
+
+    async def _dry_run(self, request: Request, rid: str, name: str, qualifier: Optional[str]) -> None:
+        """204 when the function's queue exists. A passive declare of a missing queue closes its
+        channel, so it gets a channel of its own."""
+        connection = self.link.connection
+        channel = None
+        try:
+            if connection is None:
+                raise ConnectionError("no broker connection")
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.declare_queue(name, passive=True)
+        except Exception as e:
+            if type(e).__name__ == "ChannelNotFoundEntity":
+                return self._not_found(request, rid, name, qualifier)
+            log.warning("%s: DryRun check of %r failed: %s", rid, name, self.link.describe(e))
+            return self._api_error(request, rid, errors.BAD_GATEWAY, "The message broker could not be asked.",
+                                   "broker_lost")
+        finally:
+            if channel is not None and not channel.is_closed:
+                try:
+                    await channel.close()
+                except Exception:
+                    pass
+        self.metrics.outcomes["dry_run"] += 1
+        request.respond(204, header("x-amzn-RequestId", rid))
+
+    def _timed_out(self, p: Pending) -> None:
+        p.timer = None
+        if self.pending.get(p.rid) is not p:
+            return
+        del self.pending[p.rid]
+        self.metrics.outcomes["timeout"] += 1
+        log.info("%s: no reply within %.2f s", p.rid, self.config.timeout)
+        p.request.respond(200, _JSON + header("x-amzn-RequestId", p.rid) + _FUNCTION_ERROR,
+                          errors.timeout_error(p.rid, self.config.timeout))
+
+    def _abandon(self, p: Pending) -> None:
+        """The HTTP client went away: stop waiting (the function still runs, as on AWS)."""
+        if self.pending.get(p.rid) is p:
+            del self.pending[p.rid]
+            if p.timer is not None:
+                p.timer.cancel()
+
+    def _forget(self, rid: str) -> None:
+        p = self.pending.pop(rid, None)
+        if p is not None and p.timer is not None:
+            p.timer.cancel()
+
+    def _not_found(self, request: Request, rid: str, name: str, qualifier: Optional[str]) -> None:
+        arn = f"arn:aws:lambda:{self.config.region}:{ACCOUNT_ID}:function:{name}"
+        if qualifier is not None:
+            arn += f":{qualifier}"
+        self._api_error(request, rid, errors.RESOURCE_NOT_FOUND, errors.not_found_message(arn), "not_found")
+
+    def _api_error(self, request: Request, rid: str, api_error: errors.ApiError, message: str,
+                   outcome: str = "rejected") -> None:
+        if request.answered:
+            return
+        self.metrics.outcomes[outcome] += 1
+        extra = header("x-amzn-RequestId", rid) + header("x-amzn-ErrorType", api_error.code)
+        if api_error.retry_after:
+            extra += b"Retry-After: 1\r\n"
+        request.respond_json(api_error.status, api_error.body(message), extra)
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ---- shutdown ----------------------------------------------------------------------------
+    async def drain(self, grace: float) -> None:
+        """Stop taking invokes; give the waiting ones up to ``grace`` seconds, then answer 503."""
+        self.accepting = False
+        deadline = self.loop.time() + grace
+        while (self.pending or self.tasks) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if p.timer is not None:
+                p.timer.cancel()
+            self._api_error(p.request, p.rid, errors.SERVICE, "lambda-server is shutting down.", "unavailable")
+
+    # ---- metrics -----------------------------------------------------------------------------
+    def render_metrics(self) -> bytes:
+        m = self.metrics
+        out = ["# HELP lambda_server_requests_total Invoke requests by how they ended.",
+               "# TYPE lambda_server_requests_total counter"]
+        out += [f'lambda_server_requests_total{{outcome="{k}"}} {v}' for k, v in m.outcomes.items()]
+        out += ["# HELP lambda_server_reply_seconds Time from publish to the daemon's reply.",
+                "# TYPE lambda_server_reply_seconds histogram"]
+        cumulative = 0
+        for bound, count in zip(DURATION_BUCKETS, m.bucket_counts):
+            cumulative += count
+            out.append(f'lambda_server_reply_seconds_bucket{{le="{bound}"}} {cumulative}')
+        out.append(f'lambda_server_reply_seconds_bucket{{le="+Inf"}} {m.duration_count}')
+        out.append(f"lambda_server_reply_seconds_sum {m.duration_sum:.6f}")
+        out.append(f"lambda_server_reply_seconds_count {m.duration_count}")
+        out += ["# HELP lambda_server_in_flight Invokes waiting for a reply.",
+                "# TYPE lambda_server_in_flight gauge",
+                f"lambda_server_in_flight {len(self.pending)}",
+                "# HELP lambda_server_broker_connected 1 while the broker connection is up.",
+                "# TYPE lambda_server_broker_connected gauge",
+                f"lambda_server_broker_connected {1 if self.link.is_up else 0}"]
+        return ("\n".join(out) + "\n").encode()
+
+
+def _text(value: object) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _get(request: Request, answer) -> None:
+    if request.method not in ("GET", "HEAD"):
+        return _plain(request, 405, "Method Not Allowed", header("Allow", "GET"))
+    answer()
+
+
+def _plain(request: Request, status: int, message: str, extra: bytes = b"") -> None:
+    request.respond_json(status, json.dumps({"message": message}).encode(),
+                         header("x-amzn-RequestId", new_request_id()) + extra)
