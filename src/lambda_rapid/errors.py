@@ -15,6 +15,7 @@ from typing import Optional
 SYNC_REQUEST_LIMIT = 6_291_456
 EVENT_REQUEST_LIMIT = 1_048_576
 RESPONSE_LIMIT = 6_291_556
+_COMPACT = (",", ":")  # AWS writes its error bodies without spaces
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ApiError:
         doc = {"Type": self.fault}
         doc.update(extra)
         doc[self.message_key] = message
-        return json.dumps(doc).encode()
+        return json.dumps(doc, separators=_COMPACT).encode()
 
 
 INVALID_REQUEST_CONTENT = ApiError(400, "InvalidRequestContentException", "User", "message")
@@ -57,7 +58,7 @@ def not_found_message(arn: str) -> str:
 # ---- function-level errors: HTTP 200 with X-Amz-Function-Error: Unhandled --------------------
 
 def function_error(error_type: str, message: str) -> bytes:
-    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
+    return json.dumps({"errorType": error_type, "errorMessage": message}, separators=_COMPACT).encode()
 
 
 def timeout_error(request_id: str, timeout: float) -> bytes:
@@ -95,4 +96,4 @@ def runtime_error_body(body: bytes, error_type: Optional[str]) -> bytes:
 # ---- Runtime API errors (to runtimes) --------------------------------------------------------
 
 def runtime_api_error(error_type: str, message: str) -> bytes:
-    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
+    return json.dumps({"errorType": error_type, "errorMessage": message}, separators=_COMPACT).encode()

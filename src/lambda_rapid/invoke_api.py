@@ -74,12 +74,12 @@ class InvokeApi:
                     return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
                 return self.invoke(request, name)
         elif path == "/_/health":
-            return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n", b"OK"))
+            return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n" + _rid(), b"OK"))
         elif path == "/_/ready":
             return self._get(request, lambda: self._ready(request))
         elif path == "/metrics" and self.metrics is not None:
             return self._get(request, lambda: request.respond(
-                200, b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n", self.metrics()))
+                200, b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n" + _rid(), self.metrics()))
         elif path == "/" and self.config.enable_openfaas:
             if request.method != "POST":
                 return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
@@ -94,13 +94,13 @@ class InvokeApi:
 
     def _ready(self, request: Request) -> None:
         if self.ready():
-            request.respond(200, b"content-type: text/plain\r\n", b"OK")
+            request.respond(200, b"content-type: text/plain\r\n" + _rid(), b"OK")
         else:
-            request.respond(503, b"content-type: text/plain\r\n", b"Not Ready")
+            request.respond(503, b"content-type: text/plain\r\n" + _rid(), b"Not Ready")
 
     @staticmethod
     def _plain_error(request: Request, status: int, message: str, extra: bytes = b"") -> None:
-        request.respond_json(status, json.dumps({"message": message}).encode(), extra)
+        request.respond_json(status, json.dumps({"message": message}).encode(), _rid() + extra)
 
     # ---- invoke ------------------------------------------------------------------------------
     def invoke(self, request: Request, raw_name: str) -> None:
@@ -203,6 +203,11 @@ class InvokeApi:
         log.info("invoke refused (%s): %s", api_error.code, message)
         request.respond_json(api_error.status, api_error.body(message),
                              rid + header("x-amzn-ErrorType", api_error.code))
+
+
+def _rid() -> bytes:
+    """A fresh x-amzn-RequestId header: AWS puts one on every response, errors and probes included."""
+    return header("x-amzn-RequestId", new_request_id())
 
 
 def decode_client_context(encoded: str) -> Optional[str]:
