@@ -284,3 +284,53 @@ def test_start_daemon_helper_cleans_up():
     d = start_daemon()
     d.stop()
     assert d.proc.returncode == 0
+
+
+def _zombies_of(ppid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == ppid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(), reason="needs root and unshare")
+def test_as_pid1_orphans_are_reaped(tmp_path):
+    """Run the daemon as PID 1 of a new PID namespace (as a container entrypoint): the orphaned
+    grandchildren of the runtime are re-parented to it and must not stay zombies."""
+    port, runtime_port = free_port(), free_port()
+    env = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port)
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", str(BIN / "lambda-runtime-api-daemon"),
+                             *RIC, "handlers.orphan"], cwd=FUNCTIONS_DIR, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        import urllib.request
+        url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
+
+        def invoke():
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=b"{}"), timeout=10) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(invoke, timeout=15, message="first invoke through the PID-1 daemon")
+        for _ in range(3):
+            assert invoke()
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        daemon_pid = int(children[0])  # unshare's child: PID 1 inside the namespace
+        time.sleep(1.5)  # the grandchildren exit after 0.3 s; the daemon reaps within 0.5 s
+        assert _zombies_of(daemon_pid) == []
+        os.kill(daemon_pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)

@@ -73,3 +73,15 @@ def whoami(event, context):
         "env": dict(os.environ),
         "event": event,
     }
+
+
+def orphan(event, context):
+    """Leave a grandchild behind that exits a moment later: as PID 1 the daemon must reap it."""
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:
+            time.sleep(float(event.get("linger", 0.3)))
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return {"ok": True}
