@@ -17,6 +17,7 @@ from typing import Optional
 
 from . import metrics
 from .config import Config, redact_uri
+from .extensions_api import ExtensionsApi
 from .httpserver import HttpServer
 from .invoke_api import InvokeApi
 from .pool import Instance, Pool
@@ -40,6 +41,7 @@ class Daemon:
         self.sink = OutputSink()
         self.pool = Pool(config, self._launch, self._signal_instance, self.sink.write)
         self.runtime_api = RuntimeApi(self.pool, config)
+        self.extensions = ExtensionsApi(config, self.pool, self.runtime_api, self.procs, self.sink.write)
         self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool))
         self.invoke_api.ready = self.ready
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
@@ -82,6 +84,7 @@ class Daemon:
             sock.close()
             raise
         instance.pid = child.pid
+        self.extensions.launch(instance, child, env)
         instance.drain = child.read_available
         instance.peak_rss = lambda: peak_rss_of_group(child.pid)
         log.info("started instance #%d: pid %d, runtime API %s", instance.number, child.pid,
@@ -99,6 +102,7 @@ class Daemon:
 
     def _output(self, instance: Instance, data: bytes) -> None:
         self.sink.write(data)
+        self.extensions.function_output(instance, data)
         for inv in instance.held.values():
             if inv.log is not None:
                 inv.add_log(data)
@@ -170,6 +174,7 @@ class Daemon:
         if self.amqp is not None:
             await self.amqp.close()
         self.invoke_http.close()
+        await self.extensions.shutdown()
         await self._stop_instances()
         self.runtime_http.close()
         self.invoke_http.close_connections()

@@ -128,6 +128,8 @@ class Pool:
         self.reports = config.print_reports
         self.dispatch_hook: Optional[Callable[[Invocation, Waiter, Callable[[], None]], None]] = None
         self.on_idle_change: Optional[Callable[[], None]] = None
+        # Says why an init timed out when something else than the runtime is to blame (extensions).
+        self.explain_init_timeout: Optional[Callable[[Instance, str], Optional[bytes]]] = None
         self._drained: Optional[asyncio.Future] = None
         self._idle_timer: Optional[asyncio.TimerHandle] = None
         self._late_spawn: Optional[asyncio.TimerHandle] = None
@@ -420,6 +422,8 @@ class Pool:
                   self.config.init_timeout)
         victim = self.queue[0] if self.queue else None
         body = errors.init_timeout_error(victim.request_id if victim else "", self.config.init_timeout)
+        if self.explain_init_timeout is not None:
+            body = self.explain_init_timeout(instance, victim.request_id if victim else "") or body
         self._init_failed(instance, body)
         self.kill(instance, "init_timeout")
 

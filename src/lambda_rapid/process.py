@@ -33,6 +33,10 @@ def describe_status(wait_status: int) -> str:
     return f"exit status {os.WEXITSTATUS(wait_status)}"
 
 
+def _new_process_group() -> None:
+    os.setpgid(0, 0)
+
+
 class OutputSink:
     """The daemon's stdout for runtime lines and report lines (written whole, in order)."""
 
@@ -170,7 +174,8 @@ class ProcessManager:
         try:
             kwargs: dict = {}
             if pgid is None:
-                kwargs["start_new_session"] = True
+                # A new group in our session (not setsid): extensions must be able to join it.
+                kwargs["preexec_fn"] = _new_process_group
             else:
                 kwargs["preexec_fn"] = lambda: os.setpgid(0, pgid)
             popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
