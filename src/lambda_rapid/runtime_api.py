@@ -9,7 +9,7 @@ Other APIs on the same port (Extensions, Telemetry) register themselves in ``rou
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from . import errors
 from .config import Config
@@ -62,6 +62,8 @@ class RuntimeApi:
         self._external = 0
         # Other APIs served on this port: path prefix -> handler(request, instance).
         self.routes: Dict[str, Callable[[Request, Instance], None]] = {}
+        # Holds a runtime's /next while its extensions are not ready (returns True: it calls pool.next later).
+        self.next_gate: Optional[Callable[[Waiter, Request], bool]] = None
         self.arn_header = header("Lambda-Runtime-Invoked-Function-Arn", self.arn)
 
     # ---- HttpServer application interface ----------------------------------------------------
@@ -106,6 +108,9 @@ class RuntimeApi:
     def _next(self, request: Request) -> None:
         waiter = NextRequest(self, self.instance_of(request), request)
         request.on_abandon = waiter.gone
+        gate = self.next_gate
+        if gate is not None and gate(waiter, request):
+            return
         self.pool.next(waiter)
 
     def _result(self, request: Request, request_id: str, action: str) -> None:
