@@ -1,0 +1,176 @@
+"""Extensions API end to end: real daemon, real awslambdaric, extensions in Python (stdlib) and
+bash+curl started from a temp LAMBDA_EXTENSIONS_DIR, an internal extension registering at import."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from conftest import FUNCTIONS_DIR, RIC, wait_until
+from extsupport import ExtLog, alive, make_extensions_dir
+
+
+def start(daemon_factory, tmp_path, names, handler="ext_handlers.seen", **env):
+    log = ExtLog(tmp_path / "ext.log")
+    directory = make_extensions_dir(tmp_path, *names)
+    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, LAMBDA_EXTENSIONS_DIR=str(directory),
+                          EXT_LOG=str(log.path), **env)
+    return proc, log
+
+
+def function_error(response):
+    status, headers, body = response
+    assert status == 200, response
+    assert headers.get("x-amz-function-error") == "Unhandled", response
+    return json.loads(body)
+
+
+def test_python_and_bash_extensions_get_invoke_then_spindown(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["rec-py", "bash-curl"], AWS_LAMBDA_FUNCTION_IDLETIMEOUT="1.5")
+    status, headers, body = proc.invoke({"expect": ["rec-py", "bash-curl"]})
+    assert status == 200, body
+    result = json.loads(body)
+    request_id = headers["x-amzn-requestid"]
+    assert result["seen"] == ["bash-curl", "rec-py"]
+    # Both registered before the runtime's init went on, and run in the runtime's process group.
+    registered = log.records("registered")
+    assert {r["ext"] for r in registered} == {"rec-py", "bash-curl"}
+    py = log.records("registered", "rec-py")[0]
+    assert py["pgid"] == result["pgid"]
+    assert py["body"] == {"functionName": "ext_handlers", "functionVersion": "$LATEST", "handler": "ext_handlers.seen"}
+    for ext in ("rec-py", "bash-curl"):
+        (invoke,) = log.events("INVOKE", ext)
+        assert invoke["requestId"] == request_id
+        assert invoke["invokedFunctionArn"] == "arn:aws:lambda:us-east-1:012345678912:function:ext_handlers"
+        assert invoke["tracing"]["type"] == "X-Amzn-Trace-Id" and invoke["tracing"]["value"].startswith("Root=1-")
+        assert abs(invoke["deadlineMs"] - time.time() * 1000) < 5000
+    # A second invocation goes out only after both extensions are back in event/next.
+    status, headers, body = proc.invoke({"expect": ["rec-py", "bash-curl"]})
+    assert status == 200 and json.loads(body)["seen"] == ["bash-curl", "rec-py"]
+    # Idle stop: SHUTDOWN with reason spindown, then the extensions exit.
+    wait_until(lambda: len(log.events("SHUTDOWN")) == 2, 10, message="SHUTDOWN to both extensions")
+    for event in log.events("SHUTDOWN"):
+        assert event["shutdownReason"] == "spindown"
+    wait_until(lambda: not alive(py["pid"]), 5, message="the extension to exit")
+    assert proc.proc.poll() is None
+
+
+def test_timeout_kill_sends_shutdown_timeout_and_next_invoke_gets_a_fresh_sandbox(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["rec-py"], handler="ext_handlers.sleep",
+                      AWS_LAMBDA_FUNCTION_TIMEOUT="1")
+    error = function_error(proc.invoke({"seconds": 5}))
+    assert error["errorType"] == "Sandbox.Timedout"
+    wait_until(lambda: log.events("SHUTDOWN"), 5, message="SHUTDOWN after the timeout")
+    (shutdown,) = log.events("SHUTDOWN")
+    assert shutdown["shutdownReason"] == "timeout"
+    got_at = [r for r in log.records("event") if r["event"]["eventType"] == "SHUTDOWN"][0]["t"]
+    assert 1000 <= shutdown["deadlineMs"] - got_at * 1000 <= 2500  # AWS's 2 s for external extensions
+    status, _, body = proc.invoke({"seconds": 0})
+    assert status == 200, body
+    assert len(log.records("registered")) == 2
+
+
+def test_runtime_crash_sends_shutdown_failure(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["rec-py"], handler="ext_handlers.crash")
+    error = function_error(proc.invoke({}))
+    assert error["errorType"] == "Runtime.ExitError"
+    wait_until(lambda: log.events("SHUTDOWN"), 5, message="SHUTDOWN after the crash")
+    assert log.events("SHUTDOWN")[0]["shutdownReason"] == "failure"
+
+
+def test_daemon_sigterm_sends_shutdown_before_exit(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["rec-py", "bash-curl"])
+    assert proc.invoke({"expect": ["rec-py"]})[0] == 200
+    pid = log.records("registered", "rec-py")[0]["pid"]
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert sorted(e["shutdownReason"] for e in log.events("SHUTDOWN")) == ["spindown", "spindown"]
+    assert log.records("exit", "rec-py")
+    assert not alive(pid)
+
+
+def test_internal_extension_registers_at_import_and_gets_invoke(daemon_factory, tmp_path):
+    proc = daemon_factory(RIC + ["internal_ext.handler"], cwd=FUNCTIONS_DIR,
+                          LAMBDA_EXTENSIONS_DIR=str(tmp_path / "none"))
+    ids = []
+    for _ in range(2):
+        status, headers, body = proc.invoke({})
+        assert status == 200, body
+        ids.append(headers["x-amzn-requestid"])
+        result = json.loads(body)
+        assert result["registered"]["functionName"] == "internal_ext"
+    assert result["received"] == ids
+
+
+def test_never_registering_extension_fails_init_in_time_and_next_invoke_retries(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["silent-one"], AWS_LAMBDA_INIT_TIMEOUT="1.5")
+    for attempt in (1, 2):
+        began = time.monotonic()
+        error = function_error(proc.invoke({}))
+        elapsed = time.monotonic() - began
+        assert error["errorType"] == "Extension.InitTimeout", error
+        assert "silent-one" in error["errorMessage"] and "did not register" in error["errorMessage"]
+        assert elapsed < 1.5 + 2.0, elapsed
+        assert len(log.records("start", "silent-one")) == attempt  # a fresh init each time
+    wait_until(lambda: not any(alive(r["pid"]) for r in log.records("start")), 5, message="silent ones killed")
+    assert proc.request("GET", "/_/health")[0] == 200
+
+
+def test_crashing_extension_fails_init_at_once(daemon_factory, tmp_path):
+    proc, _ = start(daemon_factory, tmp_path, ["crash-early"], AWS_LAMBDA_INIT_TIMEOUT="10")
+    began = time.monotonic()
+    error = function_error(proc.invoke({}))
+    assert time.monotonic() - began < 5
+    assert error["errorType"] == "Extension.Crash"
+    assert "crash-early" in error["errorMessage"] and "exit status 3" in error["errorMessage"]
+
+
+def test_extension_init_error_fails_init_with_its_error(daemon_factory, tmp_path):
+    proc, _ = start(daemon_factory, tmp_path, ["initerr-conf"])
+    error = function_error(proc.invoke({}))
+    assert error["errorType"] == "Extension.ConfigInvalid"
+    assert "initerr-conf" in error["errorMessage"] and "missing API key" in error["errorMessage"]
+
+
+def test_every_misuse_gets_aws_error(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["probe-x"])
+    status, headers, body = proc.invoke({"expect": ["probe-x"]})
+    assert status == 200, body
+    (probe,) = log.records("probe")
+    r = probe["results"]
+
+    def refused(key, status, error_type):
+        assert r[key]["status"] == status, (key, r[key])
+        assert r[key]["body"]["errorType"] == error_type, (key, r[key])
+
+    refused("no_name", 403, "Extension.InvalidExtensionName")
+    refused("bad_body", 403, "InvalidRequestFormat")
+    refused("bad_event", 403, "Extension.InvalidEventType")
+    assert r["wrong_method"]["status"] == 405
+    # The refused registration left nothing behind: the same name then registers fine.
+    assert r["register"]["status"] == 200
+    assert r["register"]["body"] == {"functionName": "ext_handlers", "functionVersion": "$LATEST",
+                                     "handler": "ext_handlers.seen", "accountId": "012345678912"}
+    refused("again", 403, "Extension.InvalidExtensionState")
+    refused("internal_shutdown", 403, "Extension.InvalidEventType")
+    refused("next_no_id", 403, "Extension.MissingExtensionIdentifier")
+    refused("next_bad_id", 403, "Extension.InvalidExtensionIdentifier")
+    refused("next_unknown_id", 403, "Extension.UnknownExtensionIdentifier")
+    refused("init_error_no_type", 403, "Extension.MissingHeader")
+    refused("subscribe_remote", 400, "ValidationError")
+    refused("subscribe_bad", 400, "ValidationError")
+    wait_until(lambda: log.records("late"), 5, message="the late registration attempt")
+    late = log.records("late")[0]["answer"]
+    assert late["status"] == 403 and late["body"]["errorType"] == "Extension.RegistrationClosed"
+    # Misuse changed nothing: the next invocation works.
+    assert proc.invoke({"expect": ["probe-x"]})[0] == 200
+
+
+def test_eleventh_extension_fails_init(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["many-x"])
+    error = function_error(proc.invoke({}))
+    assert error["errorType"] == "Extension.TooManyExtensions"
+    answers = log.records("many")
+    assert [a["status"] for a in answers] == [200] * 10 + [403]
+    assert answers[-1]["body"]["errorType"] == "Extension.TooManyExtensions"
