@@ -65,14 +65,18 @@ TARGET_RSS_MB = 25.0
 
 
 # ---- /proc helpers ----------------------------------------------------------------------------
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process (all its threads, not its children), in clock ticks."""
+def cpu_split(pid: int) -> Tuple[int, int]:
+    """(utime, stime) of one process (all its threads, not its children), in clock ticks."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rpartition(b")")[2].split()
     except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
+        return 0, 0
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ticks(pid: int) -> int:
+    return sum(cpu_split(pid))
 
 
 def children_of(pid: int) -> List[int]:
@@ -266,15 +270,17 @@ def drive(url: str, connections: int, seconds: int, args: argparse.Namespace) ->
 def measure_daemon(daemon: Daemon, connections: int, args: argparse.Namespace) -> dict:
     runtimes = children_of(daemon.pid)
     success_before = daemon.metrics().get("success", 0)
-    daemon_cpu = cpu_ticks(daemon.pid)
+    user0, sys0 = cpu_split(daemon.pid)
     runtime_cpu = sum(cpu_ticks(p) for p in runtimes)
     busy0, total0 = machine_ticks()
     result = drive(daemon.url, connections, args.duration, args)
     busy1, total1 = machine_ticks()
-    daemon_cpu = cpu_ticks(daemon.pid) - daemon_cpu
+    user1, sys1 = cpu_split(daemon.pid)
     runtime_cpu = sum(cpu_ticks(p) for p in runtimes) - runtime_cpu
     n = max(result["requests"], 1)
-    result["daemon_cpu_us_per_inv"] = daemon_cpu / CLK_TCK * 1e6 / n
+    result["daemon_cpu_us_per_inv"] = (user1 - user0 + sys1 - sys0) / CLK_TCK * 1e6 / n
+    result["daemon_user_us_per_inv"] = (user1 - user0) / CLK_TCK * 1e6 / n
+    result["daemon_sys_us_per_inv"] = (sys1 - sys0) / CLK_TCK * 1e6 / n
     result["runtime_cpu_us_per_inv"] = runtime_cpu / CLK_TCK * 1e6 / n
     result["machine_busy"] = (busy1 - busy0) / max(total1 - total0, 1)
     result["daemon_counted"] = daemon.metrics().get("success", 0) - success_before
@@ -393,6 +399,8 @@ def bench_config(max_concurrency: int, connections: int, args: argparse.Namespac
         "ceiling_p50_ms": med("ceiling", "p50_ms"),
         "ceiling_p99_ms": med("ceiling", "p99_ms"),
         "daemon_cpu_us_per_inv": med("daemon", "daemon_cpu_us_per_inv"),
+        "daemon_user_us_per_inv": med("daemon", "daemon_user_us_per_inv"),
+        "daemon_sys_us_per_inv": med("daemon", "daemon_sys_us_per_inv"),
         "runtime_cpu_us_per_inv": med("daemon", "runtime_cpu_us_per_inv"),
         "ceiling_runtime_cpu_us_per_inv": med("ceiling", "runtime_cpu_us_per_inv"),
         "ceiling_server_cpu_us_per_inv": med("ceiling", "server_cpu_us_per_inv"),
