@@ -74,6 +74,16 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its reaped children excluded), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list, q: float) -> float:
     if not values:
         return 0.0
@@ -91,7 +101,7 @@ def report(name: str, count: int, seconds: float, latencies: list, errors: int =
 
 # ---- AMQP-RPC client -----------------------------------------------------------------------------
 
-async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmup: float) -> dict:
+async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmup: float, daemon_pid: int) -> dict:
     import aio_pika
     from pamqp.commands import Basic
 
@@ -131,18 +141,23 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     await asyncio.sleep(warmup)
     measuring[0] = True
     began = loop.time()
+    cpu_daemon, cpu_client = cpu_seconds(daemon_pid), time.process_time()
     await asyncio.sleep(seconds)
     measuring[0] = False
     elapsed = loop.time() - began
+    cpu_daemon, cpu_client = cpu_seconds(daemon_pid) - cpu_daemon, time.process_time() - cpu_client
     await asyncio.gather(*tasks)
     await connection.close()
+    per = 1e6 / max(1, counted[0])
     return report(f"amqp-rpc inflight={inflight}", counted[0], elapsed, list(latencies), counted[1],
-                  inflight=inflight)
+                  inflight=inflight, daemon_cpu_us_per_reply=round(cpu_daemon * per),
+                  client_cpu_us_per_reply=round(cpu_client * per))
 
 
 # ---- lambda-server with wrk ----------------------------------------------------------------------
 
-def run_wrk(url: str, connections: int, seconds: float) -> dict:
+def run_wrk(url: str, connections: int, seconds: float, pids: dict) -> dict:
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     if shutil.which("wrk") is None:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--connections",
                               str(connections), "--seconds", str(seconds)], capture_output=True, text=True)
@@ -165,8 +180,12 @@ def run_wrk(url: str, connections: int, seconds: float) -> dict:
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    count = re.search(r"(\d+) requests in", out)
+    per = 1e6 / max(1, int(count.group(1)) if count else 1)
     result = {"bench": f"lambda-server c={connections}", "requests_per_s": float(rps.group(1)) if rps else 0.0,
               "p50_ms": ms("50"), "p99_ms": ms("99"), "errors": int(non2xx.group(1)) if non2xx else 0}
+    result.update({f"{name}_cpu_us_per_request": round((cpu_seconds(pid) - before[name]) * per)
+                   for name, pid in pids.items()})
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return result
 
@@ -197,7 +216,7 @@ def main() -> int:
         time.sleep(0.5)  # the consumer is set up right after start-up
         if args.path in ("amqp", "both"):
             for n in (int(x) for x in args.inflight.split(",")):
-                asyncio.run(amqp_window(args.amqp_uri, queue, n, args.seconds, args.warmup))
+                asyncio.run(amqp_window(args.amqp_uri, queue, n, args.seconds, args.warmup, daemon.pid))
         if args.path in ("server", "both"):
             sport = free_port()
             server = start([str(BIN / "lambda-server")], dict(
@@ -206,8 +225,9 @@ def main() -> int:
             procs.append(server)
             wait_http(f"http://127.0.0.1:{sport}/_/ready")
             url = f"http://127.0.0.1:{sport}/2015-03-31/functions/{queue}/invocations"
-            run_wrk(url, args.connections, max(1.0, args.warmup))  # warm-up
-            run_wrk(url, args.connections, args.seconds)
+            pids = {"daemon": daemon.pid, "server": server.pid}
+            run_wrk(url, args.connections, max(1.0, args.warmup), pids)  # warm-up
+            run_wrk(url, args.connections, args.seconds, pids)
     finally:
         for proc in reversed(procs):
             stop(proc)

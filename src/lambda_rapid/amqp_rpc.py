@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 from typing import Optional
 
+import aiormq
 from pamqp.commands import Basic
 
 from . import errors
@@ -36,6 +38,9 @@ log = logging.getLogger("lambda_rapid.amqp")
 PREFETCH_PER_SLOT = 2
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
+# aiormq >= 7 can hand a frame to its writer without waiting for the socket to drain: one task
+# switch less per publish and per ack. Older aiormq (Python < 3.11) always drains.
+NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 
 
 def prefetch_count(config: Config) -> int:
@@ -255,7 +260,8 @@ class AmqpRpc:
             props = Basic.Properties(content_type="application/json", correlation_id=correlation_id,
                                      headers=headers or None, delivery_mode=1)
             try:
-                await underlay.basic_publish(body, exchange="", routing_key=reply_to, properties=props)
+                await underlay.basic_publish(body, exchange="", routing_key=reply_to, properties=props,
+                                             **NO_DRAIN)
             except Exception as e:
                 log.warning("reply to %s not confirmed: %s; the request stays unacked", correlation_id,
                             link.describe(e))
@@ -263,7 +269,7 @@ class AmqpRpc:
         if delivery.generation != link.generation or link.underlay is None:
             return  # the request's channel is gone: the broker has requeued it already
         try:
-            await link.underlay.basic_ack(delivery.tag)
+            await link.underlay.basic_ack(delivery.tag, **NO_DRAIN)
         except Exception as e:
             log.warning("ack of message %d failed: %s", delivery.tag, link.describe(e))
 

@@ -1,0 +1,261 @@
+"""The daemon's AMQP-RPC front door against the real RabbitMQ, with a plain pika client.
+
+Each test runs real daemons (real awslambdaric) on free ports and a queue named for the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import time
+
+import pika
+import pytest
+
+from amqp_support import (
+    AMQP_URI,
+    BROKER,
+    RpcClient,
+    consumers,
+    metric,
+    require_broker,  # noqa: F401  (autouse: fail clearly when RabbitMQ is not running)
+    unique_name,
+    wait_consumers,
+)
+from conftest import FUNCTIONS_DIR, RIC, wait_until
+
+SUCCESS = 'lambda_invocations_total{outcome="success"}'
+
+
+@pytest.fixture
+def rpc():
+    with RpcClient() as client:
+        yield client
+
+
+def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", **env):
+    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name, AMQP_URI=AMQP_URI,
+                          **env)
+    wait_consumers(name)
+    return proc
+
+
+def test_echo_reply_properties_and_headers(daemon_factory, rpc):
+    name = unique_name("amqp-echo")
+    amqp_daemon(daemon_factory, name)
+    cid = "6f0c9a4e-1d2b-4c3d-8e9f-0a1b2c3d4e5f"
+    props, body = rpc.call(name, b'{"key": "value"}', correlation_id=cid)
+    assert json.loads(body) == {"key": "value"}
+    assert props.correlation_id == cid
+    assert props.content_type == "application/json"
+    assert props.headers["X-Amz-Executed-Version"] == "$LATEST"
+    assert props.headers["x-amzn-RequestId"] == cid  # a UUID not in flight becomes the request id
+    assert "X-Amz-Function-Error" not in props.headers
+
+    # Tail: the invocation's log, START to REPORT, base64 in X-Amz-Log-Result
+    props, body = rpc.call(name, b'{"tail": 1}', headers={"X-Amz-Log-Type": "Tail"})
+    tail = base64.b64decode(props.headers["X-Amz-Log-Result"]).decode()
+    assert "START RequestId: " in tail and "REPORT RequestId: " in tail
+    # a correlation id that is not a UUID is echoed back, and a fresh request id is used
+    props, body = rpc.call(name, b"[1, 2]", correlation_id="not-a-uuid")
+    assert props.correlation_id == "not-a-uuid" and json.loads(body) == [1, 2]
+    assert props.headers["x-amzn-RequestId"] != "not-a-uuid"
+
+
+def test_function_error_and_client_context(daemon_factory, rpc):
+    name = unique_name("amqp-fail")
+    amqp_daemon(daemon_factory, name, "handlers.fail")
+    props, body = rpc.call(name, b"{}")
+    assert props.headers["X-Amz-Function-Error"] == "Unhandled"
+    assert json.loads(body)["errorType"] == "ValueError"
+
+    who = unique_name("amqp-whoami")
+    amqp_daemon(daemon_factory, who, "handlers.whoami", AMQP_USERNAME="guest", AMQP_PASSWORD="guest")
+    context = base64.b64encode(json.dumps({"custom": {"k": "v"}}).encode()).decode()
+    props, body = rpc.call(who, b'{"x": 1}', headers={"X-Amz-Client-Context": context,
+                                                        "X-Amzn-Trace-Id": "Root=1-5e1b4151-5ac6c58f5b5dbd6a2b3c4d5e"})
+    seen = json.loads(body)
+    assert seen["client_context"] == {"k": "v"}
+    assert seen["trace_id"].startswith("Root=1-5e1b4151-5ac6c58f5b5dbd6a2b3c4d5e")
+    assert seen["arn"].endswith(f":function:{who}")
+    # the broker's credentials never reach the function
+    assert not [k for k in seen["env"] if k.startswith("AMQP_")]
+
+
+def test_malformed_messages_get_error_replies_and_change_nothing(daemon_factory, rpc):
+    name = unique_name("amqp-bad")
+    daemon = amqp_daemon(daemon_factory, name, AWS_LAMBDA_FUNCTION_VERSION="7")
+    cases = [
+        ({"X-Amz-Client-Context": "!!not base64"}, b"{}", "InvalidRequestContentException"),
+        ({"X-Amz-Client-Context": base64.b64encode(b"[1]").decode()}, b"{}", "InvalidRequestContentException"),
+        ({"X-Amz-Client-Context": 42}, b"{}", "InvalidParameterValueException"),
+        ({"X-Amz-Invocation-Type": "Sometimes"}, b"{}", "InvalidParameterValueException"),
+        ({"X-Amz-Log-Type": True}, b"{}", "InvalidParameterValueException"),
+        ({"X-Amz-Qualifier": "9"}, b"{}", "ResourceNotFoundException"),
+        (None, b"x" * (6 * 1024 * 1024 + 1), "RequestEntityTooLargeException"),
+    ]
+    for headers, body, code in cases:
+        props, reply = rpc.call(name, body, headers=headers)
+        assert props.headers["x-amzn-ErrorType"] == code, (headers, reply)
+        assert json.loads(reply)["Type"] == "User"
+    # bytes header values are text to us; other odd headers are ignored; the body is not JSON-checked
+    props, reply = rpc.call(name, b'"just a string"', headers={"X-Amz-Log-Type": b"None", "x-other": [1, 2]})
+    assert reply == b'"just a string"'
+    # a reply-less request still runs, and nothing above broke the consumer or the daemon
+    before = metric(daemon, SUCCESS)
+    rpc.send(name, b"{}", reply=False)
+    wait_until(lambda: metric(daemon, SUCCESS) == before + 1, 10, message="reply-less request ran")
+    props, reply = rpc.call(name, b'{"still": "alive"}', headers={"X-Amz-Qualifier": "7"})
+    assert json.loads(reply) == {"still": "alive"}
+    assert daemon.proc.poll() is None
+
+
+def test_event_runs_once_without_reply(daemon_factory, rpc):
+    name = unique_name("amqp-event")
+    daemon = amqp_daemon(daemon_factory, name)
+    for _ in range(5):
+        rpc.send(name, b'{"e": 1}', headers={"X-Amz-Invocation-Type": "Event"})
+    wait_until(lambda: metric(daemon, SUCCESS) == 5, 15, message="5 events ran")
+    rpc.conn.process_data_events(0.5)
+    assert rpc.replies == {}
+    assert metric(daemon, SUCCESS) == 5
+
+
+def test_two_daemons_share_the_queue(daemon_factory):
+    name = unique_name("amqp-share")
+    first = amqp_daemon(daemon_factory, name, "handlers.sleep", MAX_CONCURRENCY=2)
+    second = amqp_daemon(daemon_factory, name, "handlers.sleep", MAX_CONCURRENCY=2)
+    wait_consumers(name, 2)
+    client = RpcClient()
+    try:
+        ids = [client.send(name, b'{"seconds": 0.3}') for _ in range(16)]
+        pids = {json.loads(client.wait(cid, 30)[1])["pid"] for cid in ids}
+    finally:
+        client.close()
+    served = (metric(first, SUCCESS), metric(second, SUCCESS))
+    assert sum(served) == 16
+    assert min(served) >= 3, served  # both took a fair part
+    assert len(pids) >= 3  # and each ran more than one runtime
+
+
+def test_sigkill_mid_invocation_is_answered_by_the_other_daemon(daemon_factory):
+    name = unique_name("amqp-kill")
+    doomed = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    client = RpcClient()
+    try:
+        cid = client.send(name, b'{"seconds": 1.5}')
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in doomed.metrics(), 15, message="request running")
+        survivor = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+        wait_consumers(name, 2)
+        doomed.proc.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        props, body = client.wait(cid, 20)
+        assert json.loads(body)["slept"] == 1.5
+        assert metric(survivor, SUCCESS) == 1
+        assert time.monotonic() - started < 10
+    finally:
+        client.close()
+
+
+def test_sigterm_gives_queued_messages_back(daemon_factory):
+    """Messages the daemon holds but has not started go back to the broker at shutdown; the
+    running one is finished and answered."""
+    name = unique_name("amqp-term")
+    leaving = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    client = RpcClient()
+    try:
+        ids = [client.send(name, b'{"seconds": 1}')]
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in leaving.metrics(), 15, message="first running")
+        ids.append(client.send(name, b'{"seconds": 0.1}'))  # held in the prefetch window, not started
+        wait_until(lambda: "lambda_queue_depth 1" in leaving.metrics(), 10, message="second held")
+        staying = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+        wait_consumers(name, 2)
+        leaving.signal(signal.SIGTERM)
+        assert json.loads(client.wait(ids[0], 20)[1])["slept"] == 1
+        assert json.loads(client.wait(ids[1], 20)[1])["slept"] == 0.1
+        assert leaving.wait(15) == 0
+        assert metric(staying, SUCCESS) == 1
+    finally:
+        client.close()
+
+
+def test_broker_away_at_start_http_serves_and_password_never_logged(daemon_factory):
+    secret = "pw-S3cret-do-not-log"
+    name = unique_name("amqp-auth")
+    daemon = daemon_factory(RIC + ["handlers.whoami"], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name,
+                            AMQP_URI="amqp://127.0.0.1:5672/?connection_attempts=2&retry_delay=0.2",
+                            AMQP_USERNAME="guest", AMQP_PASSWORD=secret)
+    status, _, body = daemon.invoke({"over": "http"})
+    assert status == 200
+    env = json.loads(body)["env"]
+    assert not [k for k in env if k.startswith("AMQP_")]
+    wait_until(lambda: "after 2 attempts" in daemon.stderr, 15, message="the give-up-and-keep-trying log")
+    assert daemon.invoke({"still": "http"})[0] == 200
+    assert consumers(name) == -1
+    daemon.stop()
+    assert secret not in daemon.stderr and secret not in daemon.stdout
+    assert "guest:xxxxx@" in daemon.stderr
+
+
+def test_redelivered_work_of_a_dead_connection_is_not_lost(daemon_factory):
+    """Closing the daemon's connection from the broker side (as a network cut would): the daemon
+    reconnects by itself and keeps consuming; a request sent meanwhile is answered."""
+    name = unique_name("amqp-cut")
+    daemon = amqp_daemon(daemon_factory, name, AMQP_DURABLE_QUEUE="true")
+    try:
+        conn_name = f"lambda-runtime-api-daemon {name}"
+        out = _ctl("list_connections", "pid", "client_properties")
+        pids = [line.split("\t")[0] for line in out.splitlines() if conn_name in line]
+        assert pids, out
+        for pid in pids:
+            _ctl("close_connection", pid, "test cut")
+        client = RpcClient()
+        try:
+            cid = client.send(name, b'{"after": "cut"}')
+            props, body = client.wait(cid, 20)
+            assert json.loads(body) == {"after": "cut"}
+        finally:
+            client.close()
+        wait_until(lambda: "reconnecting" in daemon.stderr, 5, message="the lost-connection log")
+    finally:
+        _delete_queue(name)
+
+
+def _ctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def _delete_queue(name: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER))
+    try:
+        conn.channel().queue_delete(name)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("durable", ["false", "true"])
+def test_queue_durability_follows_the_setting(daemon_factory, durable):
+    name = unique_name("amqp-durable")
+    try:
+        amqp_daemon(daemon_factory, name, AMQP_DURABLE_QUEUE=durable)
+        out = _ctl("list_queues", "name", "durable", "auto_delete")
+        line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
+        assert line.split("\t")[1:] == (["true", "false"] if durable == "true" else ["false", "true"])
+    finally:
+        if durable == "true":
+            _delete_queue(name)
+
+
+def test_many_in_flight_all_answered(daemon_factory):
+    name = unique_name("amqp-many")
+    amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2)
+    client = RpcClient()
+    try:
+        ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(200)]
+        for i, cid in enumerate(ids):
+            assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
+    finally:
+        client.close()
