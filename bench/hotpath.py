@@ -13,7 +13,10 @@ invocation; a real run adds 3 reads, 3 writes and ~2 epoll waits on loopback soc
 on top. Use it to compare hot-path changes quickly and repeatably, even on a busy machine
 (it runs on one core and takes a few seconds). ``--profile`` prints a cProfile of the loop.
 
-    .venv/bin/python bench/hotpath.py [--invocations 50000] [--profile]
+    .venv/bin/python bench/hotpath.py [--invocations 50000] [--profile] [--src DIR]
+
+``--src DIR`` imports ``lambda_rapid`` from DIR instead of ``src/`` (e.g. a copy with one file
+taken from ``git show HEAD:...``), to compare two versions of the hot path.
 
 It reaches into the daemon's internals (``Daemon.pool.launcher``, ``HttpConnection``): when they
 change, this file may need the same change.
@@ -29,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+# --src DIR measures another copy of the package (an A/B comparison of a hot-path change).
+_SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv[:-1] else str(ROOT / "src")
+sys.path.insert(0, _SRC)
 
 from lambda_rapid import config as config_module  # noqa: E402
 from lambda_rapid.daemon import Daemon  # noqa: E402
@@ -135,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--invocations", type=int, default=50000)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured loop")
+    parser.add_argument("--src", default=_SRC, help="directory to import lambda_rapid from (default: src/)")
     args = parser.parse_args()
     try:
         import uvloop
@@ -143,6 +149,7 @@ def main() -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    print(f"lambda_rapid from {Path(config_module.__file__).parent}")
     try:
         run(args.invocations, args.profile)
     finally:
