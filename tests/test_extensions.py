@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from conftest import FUNCTIONS_DIR, RIC, wait_until
+from conftest import FUNCTIONS_DIR, RIC, ROOT, wait_until
 from extsupport import ExtLog, alive, make_extensions_dir
 
 
@@ -174,3 +175,37 @@ def test_eleventh_extension_fails_init(daemon_factory, tmp_path):
     answers = log.records("many")
     assert [a["status"] for a in answers] == [200] * 10 + [403]
     assert answers[-1]["body"]["errorType"] == "Extension.TooManyExtensions"
+
+
+def test_each_instance_has_its_own_extensions(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["rec-py"], MAX_CONCURRENCY="2")
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: proc.invoke({"expect": ["rec-py"], "hold": 1.0}), range(2)))
+    groups = {}
+    for status, headers, body in answers:
+        assert status == 200, body
+        result = json.loads(body)
+        assert result["seen"] == ["rec-py"]
+        groups[headers["x-amzn-requestid"]] = result["pgid"]
+    assert len(set(groups.values())) == 2  # two instances ran them
+    for rec in log.records("event", "rec-py"):
+        # The INVOKE went to the extension of the instance that ran the invocation.
+        assert rec["pgid"] == groups[rec["event"]["requestId"]]
+
+
+def test_examples_walkthrough(daemon_factory):
+    example = ROOT / "examples" / "extensions"
+    proc = daemon_factory(RIC + ["hello.handler"], cwd=example / "function",
+                          LAMBDA_EXTENSIONS_DIR=str(example / "extensions"))
+    status, headers, body = proc.invoke({"name": "extensions"})
+    assert status == 200 and json.loads(body) == {"hello": "extensions"}
+    request_id = headers["x-amzn-requestid"]
+    wait_until(lambda: f'platform.report: {{"requestId": "{request_id}"' in proc.stdout, 10,
+               message="the telemetry printer's report line")
+    out = proc.stdout
+    assert f"[print-events] INVOKE {request_id}" in out
+    assert '[bash-events] {"eventType": "INVOKE", "deadlineMs"' in out and request_id in out
+    assert "[telemetry-printer]" in out and f"function: hello from {request_id}" in out
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert "[print-events] SHUTDOWN (spindown)" in proc.stdout

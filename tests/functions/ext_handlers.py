@@ -28,6 +28,7 @@ def seen(event, context):
     while not expect <= found and time.time() < deadline:
         time.sleep(0.01)
         found = _invokes_seen(context.aws_request_id)
+    time.sleep(float(event.get("hold", 0)))
     print(f"handler ran for {context.aws_request_id}")
     return {"seen": sorted(found), "at_start": sorted(first), "pid": os.getpid(), "pgid": os.getpgid(0)}
 
