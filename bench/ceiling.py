@@ -60,7 +60,7 @@ def canned_event(payload: bytes) -> bytes:
 
 def content_length(buf: bytes, end: int) -> int:
     """The Content-Length of the request head ``buf[:end]`` (0 when absent)."""
-    i = buf.find(b"Content-Length:", 0, end)  # how libcurl (awslambdaric's client) spells it
+    i = buf.find(b"content-length:", 0, end)  # how awslambdaric's client spells it
     if i < 0:
         i = buf[:end].lower().find(b"content-length:")
         if i < 0:

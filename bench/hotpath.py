@@ -43,12 +43,12 @@ from lambda_rapid.httpserver import HttpConnection  # noqa: E402
 PAYLOAD = b'{"hello":"world"}'
 INVOKE = (b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(PAYLOAD)) + PAYLOAD
-# What awslambdaric's client (libcurl) sends.
-NEXT = (b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n"
-        b"User-Agent: aws-lambda-python/3.11.7-4.2.2\r\nAccept: */*\r\n\r\n")
-RESPONSE = (b"POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: 127.0.0.1:9001\r\n"
-            b"User-Agent: aws-lambda-python/3.11.7-4.2.2\r\nAccept: */*\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s")
+# Byte for byte what awslambdaric 4.2.2 sends.
+NEXT = (b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nAccept: */*\r\n"
+        b"User-Agent: aws-lambda-python/3.11.7-4.2.2\r\n\r\n")
+RESPONSE = (b"POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nAccept: */*\r\n"
+            b"content-type: application/json\r\nUser-Agent: aws-lambda-python/3.11.7-4.2.2\r\n"
+            b"content-length: %d\r\n\r\n%s")
 ID_HEADER = b"Lambda-Runtime-Aws-Request-Id: "
 
 
