@@ -1,0 +1,110 @@
+"""The HTTP layer's fast path must parse exactly what the full parser (httptools) parses, and hand
+anything unusual to it. Unit tests on a connection with an in-memory transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from lambda_rapid import httpserver
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 1)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class App:
+    def __init__(self, answer: bool = True) -> None:
+        self.seen = []
+        self.answer = answer
+
+    def body_limit(self, request) -> int:
+        return 100
+
+    def handle(self, request) -> None:
+        self.seen.append((request.method, request.path, request.query, dict(request.headers), request.body,
+                          request.keep_alive, request.too_large))
+        if self.answer:
+            request.respond(200, b"", b"ok")
+
+
+class FullParserOnly(httpserver.HttpConnection):
+    __slots__ = ()
+
+    def _fast_path(self, data: bytes) -> bytes:
+        return data
+
+
+def run(chunks, fast: bool, answer: bool = True):
+    app = App(answer)
+    server = httpserver.HttpServer(app)
+    conn = (httpserver.HttpConnection if fast else FullParserOnly)(server)
+    transport = Transport()
+    conn.connection_made(transport)
+    for chunk in chunks:
+        conn.data_received(chunk)
+    return app.seen, bytes(transport.out), transport.closed
+
+
+CASES = [
+    [b"POST /a/b?x=1&y=2 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}"],
+    [b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: h\r\nUser-Agent: x/1\r\n\r\n"],
+    # pipelined, then split in odd places
+    [b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET /3 HTTP/1.1\r\n\r\n"],
+    [b"POST /p HTTP/1.1\r\nContent-Le", b"ngth: 4\r\n\r\nab", b"cd"],
+    # chunked body, HTTP/1.0, Connection: close, repeated header, spaces around values
+    [b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+    [b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n"],
+    [b"GET /close HTTP/1.1\r\nConnection: close\r\n\r\n"],
+    [b"GET /dup HTTP/1.1\r\nX-A: 1\r\nX-A: 2\r\n\r\n"],
+    [b"GET /ws HTTP/1.1\r\nX-Pad:    padded value  \t\r\nX-Empty:\r\n\r\n"],
+    # over the body limit: answered, body dropped
+    [b"POST /big HTTP/1.1\r\nContent-Length: 150\r\n\r\n" + b"x" * 150],
+]
+
+
+@pytest.mark.parametrize("chunks", CASES)
+def test_fast_path_parses_like_the_full_parser(chunks):
+    fast = run(chunks, True)
+    full = run(chunks, False)
+    assert fast[0] == full[0]
+    assert fast[0], "nothing parsed"
+    assert fast[2] == full[2]
+
+
+@pytest.mark.parametrize("bad", [
+    b"GET /x HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+])
+def test_bad_requests_get_400_either_way(bad):
+    for fast in (True, False):
+        seen, out, closed = run([bad], fast)
+        assert seen == []
+        assert out.startswith(b"HTTP/1.1 400"), out
+        assert closed
+
+
+def test_pipelined_requests_wait_for_the_active_one():
+    seen, out, _ = run([b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"], True, answer=False)
+    assert [s[1] for s in seen] == ["/1"]
+    assert out == b""
