@@ -33,7 +33,15 @@ def copy_self_to_tmp() -> int:
     """KUBERNETES_INIT_CONTAINER: put the daemon's executable into /tmp (a shared volume) and exit."""
     import shutil
 
-    source = os.environ.get("LAMBDA_RAPID_EXECUTABLE") or os.path.realpath(sys.argv[0])
+    source = os.environ.get("LAMBDA_RAPID_EXECUTABLE")
+    if not source:
+        source = os.path.realpath(sys.argv[0])
+        import zipfile
+
+        if not zipfile.is_zipfile(source):
+            # A pip console script or ``python -m`` would be copied without the package it needs.
+            return fail(f"KUBERNETES_INIT_CONTAINER copies the single-file build (bin/{PROG}, built by "
+                        f"tools/build_zipapp.py), but this daemon runs from {source}")
     target = os.path.join("/tmp", os.path.basename(source))
     try:
         shutil.copy2(source, target)

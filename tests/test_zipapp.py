@@ -1,0 +1,172 @@
+"""The single-file executables (bin/lambda-runtime-api-daemon, bin/lambda-server) run by a python3
+that has no packages at all (``-I -S``): no uvloop, no httptools (the pure-Python parser serves),
+the AMQP client from inside the file, awslambdaric from the function's own environment.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ECHO_DIR, RIC, ROOT, Proc, daemon_env, free_port, wait_until
+from single_file import BUILD, bare_python, built_bin
+
+AMQP_URI = "amqp://guest:guest@127.0.0.1:5672/?heartbeat=0"
+CLIENTS = ROOT / "examples" / "echo" / "echo-clients"
+HAS_AMQP_FRONT_DOOR = (ROOT / "src" / "lambda_rapid" / "amqp_rpc.py").exists()
+HAS_SERVER = (ROOT / "src" / "lambda_rapid" / "server" / "cli.py").exists()
+
+
+@pytest.fixture(scope="module")
+def bin_dir() -> Path:
+    return built_bin()
+
+
+def start_single_file(python: str, program: Path, command: list, cwd: Path = ECHO_DIR, **env) -> Proc:
+    port, runtime_port = free_port(), free_port()
+    environment = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port, **env)
+    proc = Proc([python, "-I", "-S", str(program), *command], environment, cwd, port, runtime_port)
+    proc.wait_healthy()
+    return proc
+
+
+def test_build_is_reproducible_and_carries_no_c_extensions(tmp_path):
+    for out in ("a", "b"):
+        r = subprocess.run([*BUILD, "--out-dir", str(tmp_path / out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    first = (tmp_path / "a" / "lambda-runtime-api-daemon").read_bytes()
+    assert first == (tmp_path / "b" / "lambda-runtime-api-daemon").read_bytes()
+    assert first.startswith(b"#!/usr/bin/env python3\n")
+    assert os.access(tmp_path / "a" / "lambda-runtime-api-daemon", os.X_OK)
+    with zipfile.ZipFile(tmp_path / "a" / "lambda-runtime-api-daemon") as archive:
+        names = archive.namelist()
+        assert archive.testzip() is None
+    assert "__main__.py" in names and "lambda_rapid/httpparser.py" in names and "aio_pika/__init__.py" in names
+    assert not [n for n in names if n.endswith((".so", ".pyc", ".pyd")) or "__pycache__" in n]
+
+
+def test_bare_python_really_has_no_packages():
+    """The premise of the tests below: with -I -S neither httptools nor awslambdaric can be imported."""
+    for module in ("httptools", "uvloop", "awslambdaric"):
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", f"import {module}"], capture_output=True)
+        assert r.returncode != 0, module
+
+
+@pytest.mark.parametrize("version", ["", "3.9"])
+def test_serves_echo_with_a_bare_python(bin_dir, version):
+    python = bare_python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    daemon = start_single_file(python, bin_dir / "lambda-runtime-api-daemon", [*RIC, "echo.handler"],
+                               AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
+    try:
+        status, headers, body = daemon.invoke({"key": "value"}, name="echo-lambda")
+        assert (status, json.loads(body)) == (200, {"key": "value"})
+        assert headers["x-amz-executed-version"] == "$LATEST"
+        # Not JSON: refused by the daemon itself, as AWS does.
+        assert daemon.invoke(raw=b"hello")[0] == 400
+
+        # Keep-alive, a chunked body and a pipelined pair through the pure-Python parser.
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+        for i in range(20):
+            conn.request("POST", "/2015-03-31/functions/function/invocations", body=json.dumps({"i": i}))
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())) == (200, {"i": i})
+        conn.request("POST", "/2015-03-31/functions/function/invocations", body=iter([b'{"chunked"', b": true}"]),
+                     encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (200, {"chunked": True})
+        conn.close()
+        request = b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
+            s.sendall(request % (7, b'"first"') + request % (8, b'"second"'))
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b'"second"'):
+                chunk = s.recv(65536)
+                assert chunk, received
+                received += chunk
+        assert received.index(b'"first"') < received.index(b'"second"')
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.stderr
+
+
+def test_kubernetes_init_container_copies_the_single_file(bin_dir, tmp_path):
+    name = f"lambda-runtime-api-daemon-{uuid.uuid4().hex[:8]}"
+    program = tmp_path / name
+    program.write_bytes((bin_dir / "lambda-runtime-api-daemon").read_bytes())
+    program.chmod(0o755)
+    env = daemon_env(KUBERNETES_INIT_CONTAINER="")
+    copied = Path("/tmp") / name
+    try:
+        r = subprocess.run([sys.executable, "-I", "-S", str(program)], env=env, capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert copied.read_bytes() == program.read_bytes()
+        assert copied.stat().st_mode & 0o777 == 0o755
+        # The copy is the daemon, runnable where the init container left it.
+        r = subprocess.run([sys.executable, "-I", "-S", str(copied), "--version"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith("lambda-runtime-api-daemon ")
+    finally:
+        copied.unlink(missing_ok=True)
+
+
+def test_kubernetes_init_container_refuses_to_copy_a_console_script():
+    env = daemon_env(KUBERNETES_INIT_CONTAINER="true")
+    r = subprocess.run([str(Path(sys.executable).parent / "lambda-runtime-api-daemon")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "single-file build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_amqp_on_an_old_python_is_refused_clearly(bin_dir):
+    python = bare_python("3.9")
+    if python is None:
+        pytest.skip("no python3.9 on this machine")
+    env = daemon_env(PORT=free_port(), RUNTIME_API_PORT=free_port(), AMQP_URI=AMQP_URI)
+    r = subprocess.run([python, "-I", "-S", str(bin_dir / "lambda-runtime-api-daemon"), *RIC, "echo.handler"],
+                       env=env, cwd=ECHO_DIR, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "needs Python 3.11" in r.stderr and "3.9" in r.stderr
+    r = subprocess.run([python, "-I", "-S", str(bin_dir / "lambda-server")], env=daemon_env(PORT=free_port()),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "needs Python 3.11" in r.stderr
+
+
+@pytest.mark.skipif(not (HAS_AMQP_FRONT_DOOR and HAS_SERVER),
+                    reason="src/lambda_rapid/amqp_rpc.py or src/lambda_rapid/server/ does not exist yet")
+def test_amqp_and_lambda_server_from_single_files(bin_dir):
+    """Daemon and Lambda Server both from bin/, on a bare python, through the real RabbitMQ."""
+    function = f"zipapp-echo-{uuid.uuid4().hex[:8]}"
+    daemon = start_single_file(sys.executable, bin_dir / "lambda-runtime-api-daemon", [*RIC, "echo.handler"],
+                               AWS_LAMBDA_FUNCTION_NAME=function, AMQP_URI=AMQP_URI)
+    server = None
+    try:
+        wait_until(lambda: f"queue {function!r}" in daemon.stderr or f"queue {function}" in daemon.stderr, 30,
+                   message="the daemon to consume its queue")
+        r = subprocess.run([sys.executable, str(CLIENTS / "echo_amqp.py"), "--function", function, "--uri", AMQP_URI,
+                            "--iterations", "20"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "20 invocations" in r.stdout and "0 failed" in r.stdout
+
+        port = free_port()
+        server = Proc([sys.executable, "-I", "-S", str(bin_dir / "lambda-server")],
+                      daemon_env(PORT=port, AMQP_URI=AMQP_URI), ROOT, port, None)
+        server.wait_healthy()
+        server.wait_ready(30)
+        status, _, body = server.invoke({"via": "lambda-server"}, name=function)
+        assert (status, json.loads(body)) == (200, {"via": "lambda-server"}), server.stderr
+    finally:
+        if server is not None:
+            server.stop()
+        daemon.stop()
