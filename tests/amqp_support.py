@@ -121,20 +121,6 @@ def start_server(*, wait: bool = True, **env_overrides) -> Proc:
     return proc
 
 
-@pytest.fixture
-def server_factory():
-    started: list = []
-
-    def factory(**kwargs) -> Proc:
-        proc = start_server(**kwargs)
-        started.append(proc)
-        return proc
-
-    yield factory
-    for proc in started:
-        proc.stop()
-
-
 def metric(proc: Proc, name: str) -> float:
     """The value of one sample line (``name`` includes its labels) on ``/metrics``, 0 if absent."""
     for line in proc.metrics().splitlines():

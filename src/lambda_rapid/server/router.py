@@ -46,6 +46,9 @@ _TEXT = b"content-type: text/plain\r\n"
 _FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
 OUTCOMES = ("success", "function_error", "event_accepted", "dry_run", "not_found", "timeout", "api_error",
             "rejected", "unavailable", "broker_lost")
+# A function that answered within this many seconds and is now unroutable has lost its queue for a
+# moment (a broker restart drops non-durable queues until the daemons re-declare them): 503, not 404.
+RECENTLY_SERVED = 60.0
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     300.0, 900.0)
 
@@ -53,11 +56,12 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Pending:
     """A RequestResponse invoke waiting for its reply."""
 
-    __slots__ = ("request", "rid", "timer", "started")
+    __slots__ = ("request", "rid", "timer", "started", "name")
 
-    def __init__(self, request: Request, rid: str) -> None:
+    def __init__(self, request: Request, rid: str, name: str) -> None:
         self.request = request
         self.rid = rid
+        self.name = name
         self.timer: Optional[asyncio.TimerHandle] = None
         self.started = time.monotonic()
 
@@ -83,6 +87,7 @@ class Router:
         self.loop = asyncio.get_event_loop()
         self.link = BrokerLink(config.amqp_uri, "lambda-server", self._setup, self._lost)
         self.pending: dict = {}  # request id (correlation_id) -> Pending
+        self.served: dict = {}  # function name -> when a daemon last answered for it (monotonic)
         self.tasks: set = set()
         self.metrics = Metrics()
         self.accepting = True
@@ -109,7 +114,9 @@ class Router:
             return
         if p.timer is not None:
             p.timer.cancel()
-        self.metrics.observe(time.monotonic() - p.started)
+        now = time.monotonic()
+        self.metrics.observe(now - p.started)
+        self.served[p.name] = now
         headers = props.headers or {}
         request = p.request
         rid = header("x-amzn-RequestId", _text(headers.get("x-amzn-RequestId")) or p.rid)
@@ -235,7 +242,7 @@ class Router:
             timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             headers=amqp_headers or None)
         if not event:
-            p = Pending(request, rid)
+            p = Pending(request, rid, name)
             self.pending[rid] = p  # before publishing: a fast reply must find it (Go daemon bug 16)
             p.timer = self.loop.call_later(self.config.timeout, self._timed_out, p)
             request.on_abandon = lambda: self._abandon(p)
@@ -252,6 +259,12 @@ class Router:
             # Returned by the broker: no queue is bound to that name, so no daemon serves it.
             log.info("%s: no queue for function %r", rid, name)
             self._forget(rid)
+            seen = self.served.get(name)
+            if seen is not None and time.monotonic() - seen < RECENTLY_SERVED:
+                return self._api_error(request, rid, errors.SERVICE,
+                                       f"No daemon is consuming the queue of function {name} at the moment; "
+                                       "try again shortly.", "unavailable")
+            self.served.pop(name, None)
             return self._not_found(request, rid, name, qualifier)
         except Exception as e:
             if request.answered:
@@ -261,6 +274,7 @@ class Router:
             return self._api_error(request, rid, errors.BAD_GATEWAY,
                                    "The request could not be handed to the message broker.", "broker_lost")
         if event:
+            self.served[name] = time.monotonic()  # confirmed and not returned: a queue took it
             self.metrics.outcomes["event_accepted"] += 1
             request.respond(202, header("x-amzn-RequestId", rid))
 
