@@ -45,6 +45,7 @@ ECHO_DIR = ROOT / "examples" / "echo" / "echo-lambda"
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
 DAEMON = Path(sys.executable).parent / "lambda-runtime-api-daemon"
+DAEMON_COMMAND = [str(DAEMON)]  # or, with --daemon-src DIR, the package imported from DIR
 INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ((1, 1), (2, 4), (4, 16))
@@ -144,7 +145,7 @@ class Daemon:
         self.err = open(self.err_path, "wb")  # noqa: SIM115
         self.launched = time.perf_counter()
         self.proc = subprocess.Popen(
-            [str(DAEMON), PYTHON, "-m", "awslambdaric", "echo.handler"],
+            [*DAEMON_COMMAND, PYTHON, "-m", "awslambdaric", "echo.handler"],
             cwd=str(ECHO_DIR), env=daemon_env(self.port, runtime_port, max_concurrency),
             stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, start_new_session=True)
         self.pid = self.proc.pid
@@ -502,6 +503,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="wrk when installed (auto), or bench/loadgen.py")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: the cores are scarce)")
     parser.add_argument("--payload", default='{"hello":"world"}', help="the JSON event sent to the echo function")
+    parser.add_argument("--daemon-src", type=Path,
+                        help="run lambda_rapid imported from this directory (A/B of an uncommitted change)")
     parser.add_argument("--output", type=Path, help="JSON results file (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -524,7 +527,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if not DAEMON.exists():
+    if args.daemon_src is not None:
+        src = args.daemon_src.resolve()
+        if not (src / "lambda_rapid" / "cli.py").exists():
+            raise SystemExit(f"--daemon-src: no lambda_rapid package in {src}")
+        DAEMON_COMMAND[:] = [PYTHON, "-c", f"import sys; sys.path.insert(0, {str(src)!r}); "
+                             "from lambda_rapid.cli import main; sys.exit(main())"]
+    elif not DAEMON.exists():
         raise SystemExit(f"{DAEMON} not found: install the project first (pip install -e '.[test]')")
     json.loads(args.payload)
     load_at_start = loadavg()
