@@ -8,6 +8,7 @@ starts the optional AMQP front door (imported only when ``AMQP_URI`` is set).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -131,6 +132,9 @@ class Daemon:
                  config.runtime_port)
         self.pool.start_idle_reaper()
         self.pool.spawn_to_minimum()
+        # Everything built so far lives as long as the daemon: keep it out of the collector's way.
+        gc.collect()
+        gc.freeze()
         if config.amqp_uri:
             from .amqp_rpc import AmqpRpc  # only paid for when AMQP is on
 

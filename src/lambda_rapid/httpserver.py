@@ -83,6 +83,7 @@ class Request:
         if self.answered:
             return
         self.answered = True
+        self.on_abandon = None  # often a bound method of an object holding this request: no cycle
         self.conn.write_response(self, status, headers, body, close)
 
     def respond_json(self, status: int, body: bytes, headers: bytes = b"") -> None:
