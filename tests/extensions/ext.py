@@ -10,6 +10,7 @@ many-*       registers 11 extensions under made-up names (the 11th must be refus
 telemetry-*  like rec-*, and subscribes to the Telemetry API (logs-*: to the Logs API); records what it gets
 stall-*      like telemetry-*, but its listener stalls STALL_SECONDS on the first batch
 deaf-*       like telemetry-*, but its listener accepts connections and never answers
+busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its next event/next
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
 """
@@ -108,6 +109,8 @@ def event_loop(ident, on_first_invoke=None):
         if event["eventType"] == "SHUTDOWN":
             record("exit")
             sys.exit(0)
+        if KIND == "busy":
+            time.sleep(float(os.environ.get("BUSY_SECONDS", "10")))
 
 
 class Listener(BaseHTTPRequestHandler):
