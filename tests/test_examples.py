@@ -1,0 +1,275 @@
+"""examples/echo: the seed's echo-lambda (entrypoint script, docker run script, standalone mode, every
+curl and AWS CLI line of its README) and the echo clients, against the real daemon.
+
+Docker has no engine here. The entrypoint's two branches run for real, with the one path that a
+container would bind-mount (/usr/local/bin/aws-lambda-rie) pointed at bin/lambda-runtime-api-daemon;
+echo-lambda.sh runs with a stand-in ``docker`` on PATH that records what it was asked to run and
+checks the bind-mounted file is the single-file daemon at that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ECHO_DIR, ROOT, Proc, daemon_env, free_port, start_daemon, wait_until
+from single_file import built_bin
+
+CLIENTS = ROOT / "examples" / "echo" / "echo-clients"
+ENTRYPOINT = ECHO_DIR / "lambda-entrypoint.sh"
+RIE_PATH = "/usr/local/bin/aws-lambda-rie"
+AMQP_URI = "amqp://guest:guest@127.0.0.1:5672/?heartbeat=0"
+HAS_AMQP_FRONT_DOOR = (ROOT / "src" / "lambda_rapid" / "amqp_rpc.py").exists()
+SEED_ENTRYPOINT = """#!/bin/sh
+if [ $# -ne 1 ]; then
+  echo "entrypoint requires the handler name to be the first argument" 1>&2
+  exit 142
+fi
+
+if [ -z "${AWS_LAMBDA_RUNTIME_API}" ]; then
+  exec /usr/local/bin/aws-lambda-rie python3 -m awslambdaric "$1"
+else
+  exec python3 -m awslambdaric "$1"
+fi
+"""
+
+
+@pytest.fixture(scope="module")
+def bin_dir() -> Path:
+    return built_bin()
+
+
+@pytest.fixture
+def entrypoint(tmp_path, bin_dir) -> Path:
+    """lambda-entrypoint.sh with the bind-mount target replaced by bin/lambda-runtime-api-daemon."""
+    text = ENTRYPOINT.read_text()
+    assert text.count(RIE_PATH) == 1
+    script = tmp_path / "lambda-entrypoint.sh"
+    script.write_text(text.replace(RIE_PATH, str(bin_dir / "lambda-runtime-api-daemon")))
+    script.chmod(0o755)
+    return script
+
+
+def test_entrypoint_is_the_seeds():
+    assert ENTRYPOINT.read_text() == SEED_ENTRYPOINT
+    assert os.access(ENTRYPOINT, os.X_OK)
+
+
+@pytest.mark.parametrize("args", [[], ["echo.handler", "extra"]])
+def test_entrypoint_without_exactly_one_handler_exits_142(args):
+    r = subprocess.run([str(ENTRYPOINT), *args], env=daemon_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 142
+    assert "entrypoint requires the handler name" in r.stderr
+
+
+def test_entrypoint_outside_lambda_execs_the_daemon(entrypoint, bin_dir):
+    port, runtime_port = free_port(), free_port()
+    env = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port, AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
+    proc = Proc([str(entrypoint), "echo.handler"], env, ECHO_DIR, port, runtime_port)
+    try:
+        proc.wait_healthy()
+        # exec: the script's process is now the daemon itself (PID 1 in a container).
+        cmdline = Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert str(bin_dir / "lambda-runtime-api-daemon").encode() in cmdline
+        status, _, body = proc.invoke({"key": "value"}, name="echo-lambda")
+        assert (status, json.loads(body)) == (200, {"key": "value"})
+    finally:
+        proc.stop()
+    assert proc.proc.returncode == 0, proc.stderr
+
+
+def test_entrypoint_on_lambda_execs_awslambdaric(entrypoint, tmp_path):
+    """With AWS_LAMBDA_RUNTIME_API set (as on AWS) the script runs awslambdaric against that API:
+    here a daemon's main Runtime API port, which uses runtimes started by hand."""
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "echo.py").write_text("def handler(event, context):\n    return {'from': 'entrypoint', 'event': event}\n")
+    daemon = start_daemon(AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
+    env = daemon_env(AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{daemon.runtime_port}")
+    runtime = subprocess.Popen([str(entrypoint), "echo.handler"], env=env, cwd=task, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def served_by_entrypoint():
+            status, _, body = daemon.invoke({"n": 1}, name="echo-lambda")
+            assert status == 200
+            return json.loads(body) == {"from": "entrypoint", "event": {"n": 1}}
+        wait_until(served_by_entrypoint, 30, interval=0.1, message="an invocation served by the entrypoint's runtime")
+        cmdline = Path(f"/proc/{runtime.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"awslambdaric" in cmdline and b"echo.handler" in cmdline
+    finally:
+        runtime.kill()
+        runtime.wait(10)
+        daemon.stop()
+
+
+def test_echo_lambda_sh_runs_the_seeds_docker_command(bin_dir, tmp_path):
+    work = tmp_path / "examples" / "echo" / "echo-lambda"
+    work.mkdir(parents=True)
+    script = work / "echo-lambda.sh"
+    script.write_bytes((ECHO_DIR / "echo-lambda.sh").read_bytes())
+    script.chmod(0o755)
+    (tmp_path / "bin").symlink_to(bin_dir)
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    record = tmp_path / "docker-run.json"
+    (fake / "docker").write_text(f"""#!{sys.executable}
+import json, os, sys, zipfile
+args = sys.argv[1:]
+mounts = [args[i + 1] for i, a in enumerate(args) if a == "-v"]
+source = mounts[0].split(":")[0]
+with open({str(record)!r}, "w") as f:
+    json.dump({{"args": args, "env": {{k: os.environ.get(k) for k in ("AMQP_USERNAME", "AMQP_PASSWORD")}},
+               "mounted_is_daemon": zipfile.is_zipfile(source) and os.access(source, os.X_OK)}}, f)
+""")
+    (fake / "docker").chmod(0o755)
+    (fake / "hostname").write_text("#!/bin/sh\necho 192.0.2.10 10.0.0.1\n")
+    (fake / "hostname").chmod(0o755)
+    env = daemon_env()
+    env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+
+    def run(**extra) -> dict:
+        r = subprocess.run(["./echo-lambda.sh"], cwd=work, env={**env, **extra}, capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert not (work / "lambda-runtime-api-daemon").exists()  # the copy is removed afterwards
+        return json.loads(record.read_text())
+
+    seen = run()
+    args = seen["args"]
+    assert args[:2] == ["run", "--rm"] and args[-1] == "echo-lambda"
+    assert seen["mounted_is_daemon"]
+    assert f"{work}/lambda-runtime-api-daemon:/usr/local/bin/aws-lambda-rie" in args
+    assert args[args.index("-p") + 1] == "8080:8080"
+    assert args[args.index("-u") + 1] == f"{os.getuid()}:{os.getgid()}"
+    values = [args[i + 1] for i, a in enumerate(args) if a == "-e"]
+    assert "AWS_LAMBDA_FUNCTION_NAME=echo-lambda" in values
+    assert "AMQP_URI=amqp://192.0.2.10:5672?connection_attempts=20&retry_delay=10&heartbeat=0" in values
+    # The URI the seed builds is one the daemon accepts.
+    from lambda_rapid import config
+    config.validate_amqp_uri("amqp://192.0.2.10:5672?connection_attempts=20&retry_delay=10&heartbeat=0")
+
+    seen = run(AMQP_URI="", AMQP_USERNAME="user", AMQP_PASSWORD="secret")
+    values = [seen["args"][i + 1] for i, a in enumerate(seen["args"]) if a == "-e"]
+    assert "AMQP_URI=" in values  # set but empty: AMQP off
+    assert {"AMQP_USERNAME", "AMQP_PASSWORD"} <= set(values)
+    assert seen["env"] == {"AMQP_USERNAME": "user", "AMQP_PASSWORD": "secret"}
+
+
+def test_dockerfile_matches_the_example():
+    text = (ECHO_DIR / "Dockerfile").read_text()
+    assert re.search(r"^FROM ubuntu:", text, re.M)
+    assert "python3 python3-pip" in text
+    pinned = re.search(r"awslambdaric==([\d.]+)", text).group(1)
+    assert f'"awslambdaric=={pinned}"' in (ROOT / "pyproject.toml").read_text()
+    for copied in re.search(r"^COPY (.+) \./$", text, re.M).group(1).split():
+        assert (ECHO_DIR / copied).is_file()
+    assert 'ENTRYPOINT ["/var/task/lambda-entrypoint.sh"]' in text and 'CMD ["echo.handler"]' in text
+
+
+def readme_commands() -> list:
+    text = (ECHO_DIR / "README.md").read_text()
+    blocks = re.findall(r"```\n(.*?)```", text, re.S)
+    return [b.strip() for b in blocks if b.startswith(("curl ", "aws lambda invoke"))]
+
+
+def test_standalone_mode_and_every_readme_command(bin_dir):
+    """`../../../bin/lambda-runtime-api-daemon python3 -m awslambdaric echo.handler`, as written, with
+    python3 = a Python that has awslambdaric; then each curl / aws line of the README."""
+    standalone = "../../../bin/lambda-runtime-api-daemon python3 -m awslambdaric echo.handler"
+    assert standalone in (ECHO_DIR / "README.md").read_text()
+    port, runtime_port = free_port(), free_port()
+    env = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port, AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
+    assert Path(env["PATH"].split(os.pathsep)[0], "python3").exists()  # the venv's, which has awslambdaric
+    daemon = Proc(shlex.split(standalone), env, ECHO_DIR, port, runtime_port)
+    try:
+        daemon.wait_healthy()
+        commands = readme_commands()
+        assert len(commands) == 6
+        cli_env = {**env, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+        version = subprocess.run(["aws", "--version"], env=cli_env, capture_output=True, text=True, timeout=60)
+        v1 = (version.stdout + version.stderr).startswith("aws-cli/1.")
+        # Only one AWS CLI can be installed: run the README line written for it (v2 is no pip package).
+        cli_lines = [c for c in commands if c.startswith("aws ")]
+        assert len(cli_lines) == 2 and "--cli-binary-format" in cli_lines[0]
+        commands.remove(cli_lines[0] if v1 else cli_lines[1])
+        outputs = []
+        for command in commands:
+            command = command.replace("localhost:8080", f"127.0.0.1:{port}")
+            if command.startswith("curl"):
+                command = command.replace("curl ", "curl -sS -w '\\n%{http_code}' ", 1)
+            r = subprocess.run(["sh", "-c", command], env=cli_env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (command, r.stderr)
+            outputs.append(r)
+        curl = [r.stdout.rsplit("\n", 1) for r in outputs[:4]]
+        assert [json.loads(body) for body, _ in curl[:3]] == [{"key": "value"}, {"key": "value"}, "hello"]
+        assert [code for _, code in curl] == ["200", "200", "200", "400"]
+        assert "InvalidRequestContent" in curl[3][0] or "Could not parse request body into json" in curl[3][0]
+        assert json.loads(outputs[4].stderr) == {"key": "value"}  # the CLI writes the payload to /dev/stderr
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.stderr
+
+
+# ---- the echo clients ----------------------------------------------------------------------------
+
+def run_client(*args: str, timeout: float = 120) -> str:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    match = re.search(r"(\d+) invocations in [\d.]+ s: ([\d.]+) invocations/s, (\d+) failed", r.stdout)
+    assert match, r.stdout
+    assert float(match.group(2)) > 0 and match.group(3) == "0"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def echo_for_clients():
+    function = f"echo-clients-{uuid.uuid4().hex[:8]}"
+    extra = {"AMQP_URI": AMQP_URI} if HAS_AMQP_FRONT_DOOR else {}
+    daemon = start_daemon(AWS_LAMBDA_FUNCTION_NAME=function, MAX_CONCURRENCY=2, **extra)
+    yield daemon, function
+    daemon.stop()
+
+
+@pytest.mark.parametrize("mode", [[], ["--threads", "4"]], ids=["loop", "threads"])
+def test_boto3_client(echo_for_clients, mode):
+    daemon, function = echo_for_clients
+    assert run_client(str(CLIENTS / "echo_boto3.py"), "--function", function, "--endpoint", daemon.url,
+                      "--iterations", "100", *mode) == "100"
+
+
+def test_aiobotocore_client(echo_for_clients):
+    daemon, function = echo_for_clients
+    assert run_client(str(CLIENTS / "echo_aiobotocore.py"), "--function", function, "--endpoint", daemon.url,
+                      "--iterations", "100", "--concurrency", "4") == "100"
+
+
+def test_clients_fail_loudly_on_a_wrong_function(echo_for_clients):
+    daemon, _ = echo_for_clients
+    r = subprocess.run([sys.executable, str(CLIENTS / "echo_boto3.py"), "--function", "no-such-function",
+                        "--endpoint", daemon.url, "--iterations", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "ResourceNotFoundException" in r.stderr
+
+
+@pytest.mark.skipif(not HAS_AMQP_FRONT_DOOR, reason="src/lambda_rapid/amqp_rpc.py does not exist yet")
+def test_amqp_client(echo_for_clients):
+    daemon, function = echo_for_clients
+    wait_until(lambda: function in daemon.stderr and "consuming" in daemon.stderr, 30,
+               message="the daemon to consume its queue")
+    assert run_client(str(CLIENTS / "echo_amqp.py"), "--function", function, "--uri", AMQP_URI,
+                      "--iterations", "200", "--concurrency", "8") == "200"
+    # A queue nobody declared: the broker returns the messages and the client says so.
+    r = subprocess.run([sys.executable, str(CLIENTS / "echo_amqp.py"), "--function", f"nobody-{uuid.uuid4().hex}",
+                        "--uri", AMQP_URI, "--iterations", "3"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "returned by the broker" in r.stderr
+
+
+def test_console_scripts_are_where_the_tests_expect():
+    assert (BIN / "lambda-runtime-api-daemon").exists()
