@@ -43,6 +43,19 @@ from lambda_rapid.httpserver import HttpConnection  # noqa: E402
 PAYLOAD = b'{"hello":"world"}'
 INVOKE = (b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(PAYLOAD)) + PAYLOAD
+# What boto3 1.43 sends for lambda.invoke (signed; the signature is not checked).
+BOTO3_INVOKE = (
+    b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"Accept-Encoding: identity\r\nX-Amz-Invocation-Type: RequestResponse\r\nX-Amz-Log-Type: None\r\n"
+    b"User-Agent: Boto3/1.43.11 md/Botocore#1.41.11 ua/2.1 os/linux#6.18.44 md/arch#x86_64 lang/python#3.11.7 "
+    b"md/pyimpl#CPython m/Z,b,D cfg/retry-mode#legacy Botocore/1.41.11\r\n"
+    b"X-Amz-Date: 20261127T164500Z\r\n"
+    b"X-Amz-Content-SHA256: 93a23971a914e5eacbf0a8d25154cda309c3c1c72fbb9914d47c60f3cb681588\r\n"
+    b"Authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261127/us-east-1/lambda/aws4_request, "
+    b"SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-invocation-type;x-amz-log-type, "
+    b"Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7\r\n"
+    b"amz-sdk-invocation-id: 0b7ff1a4-3e51-4c8c-a1b6-8d4b0a0e3c1a\r\namz-sdk-request: attempt=1\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(PAYLOAD)) + PAYLOAD
 # Byte for byte what awslambdaric 4.2.2 sends.
 NEXT = (b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: 127.0.0.1:9001\r\nAccept: */*\r\n"
         b"User-Agent: aws-lambda-python/3.11.7-4.2.2\r\n\r\n")
@@ -140,8 +153,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--invocations", type=int, default=50000)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured loop")
+    parser.add_argument("--client", choices=("wrk", "boto3"), default="wrk",
+                        help="the invoke request: wrk's (3 headers, as bench/run.py) or boto3's (11 headers)")
     parser.add_argument("--src", default=_SRC, help="directory to import lambda_rapid from (default: src/)")
     args = parser.parse_args()
+    if args.client == "boto3":
+        global INVOKE
+        INVOKE = BOTO3_INVOKE
     try:
         import uvloop
 
