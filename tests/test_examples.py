@@ -273,3 +273,122 @@ def test_amqp_client(echo_for_clients):
 
 def test_console_scripts_are_where_the_tests_expect():
     assert (BIN / "lambda-runtime-api-daemon").exists()
+
+
+# ---- Kubernetes manifests ------------------------------------------------------------------------
+
+K8S_DIR = ROOT / "examples" / "kubernetes"
+
+
+def manifests() -> dict:
+    import yaml
+
+    objects = {}
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in objects, f"{key} defined twice"
+            objects[key] = doc
+    return objects
+
+
+def container_env(container: dict, secrets: dict) -> dict:
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]]["stringData"][ref["key"]]
+    return env
+
+
+def test_kubernetes_manifests_hang_together():
+    objects = manifests()
+    kinds = {kind for kind, _ in objects}
+    assert {"Deployment", "Service", "Secret", "ScaledObject", "TriggerAuthentication"} <= kinds
+
+    # Every Service selects the pods of some Deployment, on a port those pods expose.
+    for (kind, name), service in objects.items():
+        if kind != "Service":
+            continue
+        pods = [d["spec"]["template"] for (k, _), d in objects.items() if k == "Deployment"
+                and all(d["spec"]["template"]["metadata"]["labels"].get(k2) == v
+                        for k2, v in service["spec"]["selector"].items())]
+        assert len(pods) == 1, name
+        port_names = {p.get("name") for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names, name
+    for (kind, name), deployment in objects.items():
+        if kind == "Deployment":
+            assert deployment["spec"]["selector"]["matchLabels"].items() <= \
+                deployment["spec"]["template"]["metadata"]["labels"].items(), name
+
+
+def test_kubernetes_echo_lambda_is_what_the_daemon_accepts():
+    from lambda_rapid import config
+
+    objects = manifests()
+    secrets = {name: doc for (kind, name), doc in objects.items() if kind == "Secret"}
+    pod = objects[("Deployment", "echo-lambda")]["spec"]["template"]["spec"]
+    init, = pod["initContainers"]
+    function, = pod["containers"]
+
+    # The init container copies the daemon to /tmp/<its file name> on the shared volume ...
+    assert "KUBERNETES_INIT_CONTAINER" in container_env(init, secrets)
+    daemon_file = Path(init["command"][0]).name
+    assert daemon_file == "lambda-runtime-api-daemon"
+    init_mount, = [m for m in init["volumeMounts"] if m["mountPath"] == "/tmp"]
+    # ... and the function container mounts that file where lambda-entrypoint.sh execs it.
+    mount, = [m for m in function["volumeMounts"] if m["name"] == init_mount["name"]]
+    assert mount["subPath"] == daemon_file
+    assert mount["mountPath"] in (ECHO_DIR / "lambda-entrypoint.sh").read_text()
+    assert {"name": init_mount["name"], "emptyDir": {}} in pod["volumes"]
+    assert "command" not in function and "args" not in function  # the image's ENTRYPOINT/CMD, unchanged
+
+    # The daemon accepts the function container's environment, and it means what the manifests say.
+    env = container_env(function, secrets)
+    loaded = config.load(["python3", "-m", "awslambdaric", "echo.handler"], {**env, "PATH": os.environ["PATH"]},
+                         cwd=str(ECHO_DIR))
+    assert loaded.invoke_port == function["ports"][0]["containerPort"] == 8080
+    assert loaded.amqp_uri and loaded.amqp_durable
+    assert loaded.amqp_uri.startswith(f"amqp://{env['AMQP_USERNAME']}:{env['AMQP_PASSWORD']}@rabbitmq:5672/")
+    assert ("Service", "rabbitmq") in objects
+    assert {p["httpGet"]["path"] for p in (function["readinessProbe"], function["livenessProbe"])} == \
+        {"/_/ready", "/_/health"}
+    # A pod is given time to drain its in-flight invocations on SIGTERM.
+    assert pod["terminationGracePeriodSeconds"] > loaded.timeout + 2
+
+    # KEDA scales this Deployment on this function's queue (the queue is named after the function).
+    scaled = objects[("ScaledObject", "echo-lambda")]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "echo-lambda"
+    trigger, = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == loaded.function_name
+    assert trigger["metadata"]["mode"] == "QueueLength" and int(trigger["metadata"]["value"]) > 0
+    auth = objects[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
+    ref, = auth["spec"]["secretTargetRef"]
+    uri = secrets[ref["name"]]["stringData"][ref["key"]]
+    assert uri.startswith(f"amqp://{env['AMQP_USERNAME']}:{env['AMQP_PASSWORD']}@rabbitmq:5672")
+
+
+@pytest.mark.skipif(not (ROOT / "src" / "lambda_rapid" / "server" / "config.py").exists(),
+                    reason="src/lambda_rapid/server/ does not exist yet")
+def test_kubernetes_lambda_server_is_what_the_server_accepts():
+    from lambda_rapid.server import config as server_config
+
+    objects = manifests()
+    secrets = {name: doc for (kind, name), doc in objects.items() if kind == "Secret"}
+    container, = objects[("Deployment", "lambda-server")]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["lambda-server"]
+    loaded = server_config.load(container_env(container, secrets))
+    assert loaded.invoke_port == container["ports"][0]["containerPort"]
+    assert "@rabbitmq:5672/" in loaded.amqp_uri
+
+
+def test_kubernetes_image_carries_the_single_files():
+    text = (K8S_DIR / "Dockerfile").read_text()
+    assert "COPY bin/lambda-runtime-api-daemon bin/lambda-server /usr/local/bin/" in text
+    pods = [d["spec"]["template"]["spec"] for (kind, _), d in manifests().items() if kind == "Deployment"]
+    images = {c["image"] for pod in pods for c in pod.get("initContainers", []) + pod["containers"]}
+    assert "lambda-rapid:0.1.0" in images
+    assert "lambda-rapid:0.1.0" in (K8S_DIR / "README.md").read_text()
