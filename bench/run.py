@@ -306,13 +306,16 @@ def check_echo(daemon: Daemon, payload: str) -> None:
 
 
 # ---- cold start -------------------------------------------------------------------------------
-def first_response(port: int, request: bytes, origin: float, deadline: float) -> Tuple[float, float]:
-    """(seconds to the first accepted connection, seconds to the first 200) since ``origin``, by polling."""
+def first_response(daemon: Daemon, request: bytes, deadline: float) -> Tuple[float, float]:
+    """(seconds to the first accepted connection, seconds to the first 200) since the daemon's launch."""
     listening = 0.0
+    origin = daemon.launched
     while time.perf_counter() < deadline:
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10.0)
         except OSError:
+            if daemon.proc.poll() is not None:
+                break
             time.sleep(0.001)
             continue
         if not listening:
@@ -332,7 +335,8 @@ def first_response(port: int, request: bytes, origin: float, deadline: float) ->
         if data.startswith(b"HTTP/1.1 200"):
             return listening, time.perf_counter() - origin
         time.sleep(0.001)
-    raise SystemExit("cold start: no successful invoke within the time limit")
+    raise SystemExit(f"cold start: no successful invoke within the time limit (daemon status "
+                     f"{daemon.proc.poll()}):\n{daemon.stderr_tail()}")
 
 
 def measure_cold(runs: int, payload: str, logs: Path) -> List[dict]:
@@ -343,7 +347,7 @@ def measure_cold(runs: int, payload: str, logs: Path) -> List[dict]:
         request = (f"POST {INVOKE_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
         try:
-            listen_s, response_s = first_response(daemon.port, request, daemon.launched, time.perf_counter() + 30)
+            listen_s, response_s = first_response(daemon, request, time.perf_counter() + 30)
             results.append({"listening_s": listen_s, "first_response_s": response_s,
                             "rss_kb": memory_kb(daemon.pid)["VmRSS"]})
         finally:
