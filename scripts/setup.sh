@@ -9,3 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# The single-file executables bin/lambda-runtime-api-daemon and bin/lambda-server (not committed).
+.venv/bin/python tools/build_zipapp.py >/dev/null
