@@ -423,8 +423,38 @@ def label(config: Tuple[int, int]) -> str:
 
 
 def x_go(config: Tuple[int, int], rate: float) -> str:
+    if config not in GO_RATE:
+        return "-"
     lo, hi = GO_RATE[config]
     return f"{rate / hi:.2f}" if lo == hi else f"{rate / hi:.2f}-{rate / lo:.2f}"
+
+
+def x_go_scaled(config: Tuple[int, int], of_ceiling: float) -> str:
+    return f"{of_ceiling / GO_OF_CEILING[config]:.2f}" if config in GO_OF_CEILING else "-"
+
+
+def markdown(results: dict) -> List[str]:
+    """The figures as a Markdown table, for the README."""
+    lines = ["| config (MAX_CONCURRENCY, connections) | inv/s | p50 ms | p99 ms | ceiling inv/s | of ceiling "
+             "| × Go | daemon CPU µs/inv |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in results["configs"]:
+        config = (c["max_concurrency"], c["connections"])
+        lines.append(f"| {label(config)} | {c['rate']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
+                     f"{c['ceiling_rate']:,.0f} | {c['of_ceiling']:.2f} | {x_go(config, c['rate'])} | "
+                     f"{c['daemon_cpu_us_per_inv']:.0f} |")
+    cold = results["cold_start"]
+    rss = max((c["rss_mb"] for c in results["configs"]), default=0.0)
+    tail = []
+    if cold["runs"]:
+        tail.append(f"cold start {cold['first_response_s']:.3f} s (median of {len(cold['runs'])})")
+    if results["configs"]:
+        tail.append(f"daemon RSS {rss:.1f} MB after load")
+    lines.append("")
+    lines.append("; ".join(tail) + f". Medians of {results['settings']['runs']} rounds of "
+                 f"{results['settings']['duration']} s, {results['settings']['loadgen']}, revision "
+                 f"{results['revision']}, {results['machine']['cpus']} CPUs.")
+    return lines
 
 
 def report(results: dict) -> List[str]:
@@ -435,19 +465,20 @@ def report(results: dict) -> List[str]:
                     f"{'us/inv':>7} {'us/inv':>8} {'MB':>6}"]
     for c in results["configs"]:
         config = (c["max_concurrency"], c["connections"])
-        scaled = c["of_ceiling"] / GO_OF_CEILING[config]
         lines.append(
             f"{label(config):>8} {c['rate']:>8,.0f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
-            f"{c['ceiling_rate']:>8,.0f} {c['of_ceiling']:>7.2f} {x_go(config, c['rate']):>9} {scaled:>6.2f} "
+            f"{c['ceiling_rate']:>8,.0f} {c['of_ceiling']:>7.2f} {x_go(config, c['rate']):>9} "
+            f"{x_go_scaled(config, c['of_ceiling']):>6} "
             f"{c['daemon_cpu_us_per_inv']:>7.0f} {c['runtime_cpu_us_per_inv']:>8.0f} {c['rss_mb']:>6.1f}")
     cold = results["cold_start"]
     if cold["runs"]:
         lines.append(f"cold start (launch to first 200, median of {len(cold['runs'])}): "
                      f"{cold['first_response_s']:.3f} s (listening after {cold['listening_s']:.3f} s); "
                      f"Go {GO_COLD_S} s")
-    rss = max((c["rss_mb"] for c in results["configs"]), default=0.0)
-    peak = max((c["peak_rss_mb"] for c in results["configs"]), default=0.0)
-    lines.append(f"daemon RSS after load: {rss:.1f} MB (peak {peak:.1f} MB); Go {GO_RSS_MB:.0f} MB")
+    if results["configs"]:
+        rss = max(c["rss_mb"] for c in results["configs"])
+        peak = max(c["peak_rss_mb"] for c in results["configs"])
+        lines.append(f"daemon RSS after load: {rss:.1f} MB (peak {peak:.1f} MB); Go {GO_RSS_MB:.0f} MB")
     lines.append("x Go = rate / Go's inv/s range (top-bottom); x Go* = our fraction of the ceiling / Go's fraction "
                  "of its machine's ceiling (machine-independent estimate)")
     lines.append("targets (meaningful only on a quiet machine):")
@@ -507,6 +538,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="wrk when installed (auto), or bench/loadgen.py")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: the cores are scarce)")
     parser.add_argument("--payload", default='{"hello":"world"}', help="the JSON event sent to the echo function")
+    parser.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table")
     parser.add_argument("--daemon-src", type=Path,
                         help="run lambda_rapid imported from this directory (A/B of an uncommitted change)")
     parser.add_argument("--output", type=Path, help="JSON results file (default bench/results/<time>.json)")
@@ -567,15 +599,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for max_concurrency, connections in args.config_list:
             results["configs"].append(bench_config(max_concurrency, connections, args, logs))
     results["machine"]["load_average_at_end"] = loadavg()
-    known = [c for c in results["configs"] if (c["max_concurrency"], c["connections"]) in GO_RATE]
-    lines = report({**results, "configs": known}) if known else []
-    for c in results["configs"]:
-        if c not in known:
-            lines.insert(0, f"({c['max_concurrency']},{c['connections']}): {c['rate']:,.0f} inv/s, "
-                            f"{c['of_ceiling']:.2f} of the ceiling")
+    lines = report(results)
     print()
     print("\n".join(lines))
     results["report"] = lines
+    results["markdown"] = markdown(results)
+    if args.markdown:
+        print()
+        print("\n".join(results["markdown"]))
     output = args.output or RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
