@@ -100,6 +100,7 @@ def serve_runtime(conn: socket.socket, control: socket.socket, event: bytes) -> 
     count = errors = 0
     latencies = array("d")
     sent = 0.0
+    continued = False  # answered this request's Expect: 100-continue
     cpu0 = os.times()
     while True:
         data = recv(65536)
@@ -132,9 +133,11 @@ def serve_runtime(conn: socket.socket, control: socket.socket, event: bytes) -> 
                 continue
             total = head_end + 4 + content_length(buf, head_end)
             if len(buf) < total:
-                if buf.find(b"100-continue", 0, head_end) >= 0:
+                if not continued and buf.find(b"100-continue", 0, head_end) >= 0:
+                    continued = True
                     send(CONTINUE)
                 break
+            continued = False
             if buf.find(b"/response ", 0, buf.find(b"\r\n")) < 0:
                 errors += 1
             elif now() < end:
