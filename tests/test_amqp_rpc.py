@@ -9,6 +9,7 @@ import base64
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pika
@@ -166,14 +167,14 @@ def test_sigterm_gives_queued_messages_back(daemon_factory):
     leaving = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
     client = RpcClient()
     try:
-        ids = [client.send(name, b'{"seconds": 1}')]
+        ids = [client.send(name, b'{"seconds": 4}')]  # long enough to start the second daemon meanwhile
         wait_until(lambda: 'lambda_instances{state="busy"} 1' in leaving.metrics(), 15, message="first running")
         ids.append(client.send(name, b'{"seconds": 0.1}'))  # held in the prefetch window, not started
         wait_until(lambda: "lambda_queue_depth 1" in leaving.metrics(), 10, message="second held")
         staying = amqp_daemon(daemon_factory, name, "handlers.sleep", AWS_LAMBDA_FUNCTION_TIMEOUT=10)
         wait_consumers(name, 2)
         leaving.signal(signal.SIGTERM)
-        assert json.loads(client.wait(ids[0], 20)[1])["slept"] == 1
+        assert json.loads(client.wait(ids[0], 20)[1])["slept"] == 4
         assert json.loads(client.wait(ids[1], 20)[1])["slept"] == 0.1
         assert leaving.wait(15) == 0
         assert metric(staying, SUCCESS) == 1
@@ -259,3 +260,11 @@ def test_many_in_flight_all_answered(daemon_factory):
             assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
     finally:
         client.close()
+
+
+def test_http_only_daemon_does_not_import_the_amqp_library():
+    probe = ("import sys, lambda_rapid.cli, lambda_rapid.daemon, lambda_rapid.invoke_api; "
+             "print('aio_pika' in sys.modules, 'aiormq' in sys.modules); "
+             "import lambda_rapid.amqp_rpc; print('aio_pika' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
