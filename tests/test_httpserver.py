@@ -1,5 +1,4 @@
-"""The HTTP layer's fast path must parse exactly what the full parser (httptools) parses, and hand
-anything unusual to it. Unit tests on a connection with an in-memory transport."""
+"""The HTTP layer on an in-memory transport: framing, pipelining order, limits, bad input."""
 
 from __future__ import annotations
 
@@ -45,17 +44,10 @@ class App:
             request.respond(200, b"", b"ok")
 
 
-class FullParserOnly(httpserver.HttpConnection):
-    __slots__ = ()
-
-    def _fast_path(self, data: bytes) -> bytes:
-        return data
-
-
-def run(chunks, fast: bool, answer: bool = True):
+def run(chunks, answer: bool = True):
     app = App(answer)
     server = httpserver.HttpServer(app)
-    conn = (httpserver.HttpConnection if fast else FullParserOnly)(server)
+    conn = httpserver.HttpConnection(server)
     transport = Transport()
     conn.connection_made(transport)
     for chunk in chunks:
@@ -80,13 +72,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("chunks", CASES)
-def test_fast_path_parses_like_the_full_parser(chunks):
-    fast = run(chunks, True)
-    full = run(chunks, False)
-    assert fast[0] == full[0]
-    assert fast[0], "nothing parsed"
-    assert fast[2] == full[2]
+EXPECTED = [
+    [("POST", "/a/b", "x=1&y=2", {"host": "h", "content-type": "application/json", "content-length": "7"},
+      b'{"a":1}', True, False)],
+    [("GET", "/2018-06-01/runtime/invocation/next", "", {"host": "h", "user-agent": "x/1"}, b"", True, False)],
+    [("GET", "/1", "", {"host": "h"}, b"", True, False),
+     ("POST", "/2", "", {"content-length": "2"}, b"{}", True, False),
+     ("GET", "/3", "", {}, b"", True, False)],
+    [("POST", "/p", "", {"content-length": "4"}, b"abcd", True, False)],
+    [("POST", "/c", "", {"transfer-encoding": "chunked"}, b"abc", True, False)],
+    [("GET", "/old", "", {"host": "h"}, b"", False, False)],
+    [("GET", "/close", "", {"connection": "close"}, b"", False, False)],
+    [("GET", "/dup", "", {"x-a": "1,2"}, b"", True, False)],
+    [("GET", "/ws", "", {"x-pad": "padded value", "x-empty": ""}, b"", True, False)],
+    [("POST", "/big", "", {"content-length": "150"}, b"", True, True)],
+]
+
+
+@pytest.mark.parametrize("chunks,expected", list(zip(CASES, EXPECTED)))
+def test_requests_are_framed_and_parsed(chunks, expected):
+    seen, out, closed = run(chunks)
+    assert seen == expected
+    assert out.count(b"HTTP/1.1 200 OK") == len(expected)
+    assert closed == (not expected[-1][5])
 
 
 @pytest.mark.parametrize("bad", [
@@ -96,15 +104,14 @@ def test_fast_path_parses_like_the_full_parser(chunks):
     b"NOT HTTP AT ALL\r\n\r\n",
     b"GET /x HTTP/1.1\r\nX: a\x01b\r\n\r\n",
 ])
-def test_bad_requests_get_400_either_way(bad):
-    for fast in (True, False):
-        seen, out, closed = run([bad], fast)
-        assert seen == []
-        assert out.startswith(b"HTTP/1.1 400"), out
-        assert closed
+def test_bad_requests_get_400_and_close(bad):
+    seen, out, closed = run([bad])
+    assert seen == []
+    assert out.startswith(b"HTTP/1.1 400"), out
+    assert closed
 
 
 def test_pipelined_requests_wait_for_the_active_one():
-    seen, out, _ = run([b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"], True, answer=False)
+    seen, out, _ = run([b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"], answer=False)
     assert [s[1] for s in seen] == ["/1"]
     assert out == b""

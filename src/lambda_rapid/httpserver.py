@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from http import HTTPStatus
@@ -46,16 +45,6 @@ def header(name: str, value: str) -> bytes:
 
 class _StopParsing(Exception):
     pass
-
-
-# The fast path: a whole, plain request in one chunk (what boto3, curl and every runtime client send
-# on loopback) is split with a few C-speed string operations instead of a dozen parser callbacks.
-# Anything else (chunked bodies, partial data, HTTP/1.0, odd header syntax, duplicate framing
-# headers) goes to the full parser, so the fast path never has to be right about an edge case.
-_FAST_HEAD = re.compile(
-    r"(GET|POST|PUT|HEAD|DELETE) (/[!-~]*) HTTP/1\.1\r\n"
-    r"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[\x20-\x7e\x80-\xff\t]*\r\n)*)\r\n")
-_FAST_HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r]*?)[ \t]*\r\n")
 
 
 class Request:
@@ -118,10 +107,6 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.current is None and self.active is None and not self.closed:
-            data = self._fast_path(data)
-            if not data:
-                return
         try:
             self.parser.feed_data(data)
         except _StopParsing:
@@ -151,62 +136,6 @@ class HttpConnection(asyncio.Protocol):
                     request.on_abandon()
                 except Exception:
                     log.exception("error while abandoning a request")
-
-    def _fast_path(self, data: bytes) -> bytes:
-        """Handle complete plain requests at the start of ``data``; return what is left for the parser."""
-        while data:
-            end = data.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
-            if end < 0:
-                return data
-            text = data[:end + 4].decode("latin-1")
-            m = _FAST_HEAD.fullmatch(text)
-            if m is None:
-                return data
-            headers = {}
-            for name, value in _FAST_HEADER.findall(m.group(3)):
-                key = name.lower()
-                if key in headers:
-                    return data  # repeated header: let the full parser judge (framing, merging)
-                headers[key] = value
-            if "transfer-encoding" in headers:
-                return data
-            length = headers.get("content-length")
-            if length is None:
-                size = 0
-            elif length.isdigit() and len(length) < 12:
-                size = int(length)
-            else:
-                return data
-            total = end + 4 + size
-            if len(data) < total:
-                return data  # the body is still on its way
-            request = Request(self)
-            request.method = m.group(1)
-            target = m.group(2)
-            if "?" in target:
-                request.path, _, request.query = target.partition("?")
-            else:
-                request.path = target
-            request.headers = headers
-            connection = headers.get("connection")
-            if connection is not None and connection.lower() == "close":
-                request.keep_alive = False
-            request.limit = limit = self.app.body_limit(request)
-            if size > limit:
-                request.too_large = True
-            elif size:
-                request.body = data[end + 4:total]
-            data = data[total:]
-            if self.active is None:
-                self.active = request
-                self.app.handle(request)
-            else:
-                self.pending.append(request)
-                self.transport.pause_reading()  # type: ignore[union-attr]
-                break
-            if self.closed or self.active is not None:
-                break  # the rest (pipelined behind a pending answer) goes to the parser, which queues it
-        return b"" if self.closed else data
 
     # ---- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
