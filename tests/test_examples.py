@@ -218,6 +218,34 @@ def test_standalone_mode_and_every_readme_command(bin_dir):
     assert daemon.proc.returncode == 0, daemon.stderr
 
 
+
+CHROOT_ROOTFS = Path(os.environ.get("ROOTFS", "/tmp/echo-lambda-rootfs"))
+
+
+@pytest.mark.skipif(not (CHROOT_ROOTFS / ".echo-lambda-ready").exists(),
+                    reason="no Debian root filesystem: run examples/echo/echo-lambda/chroot-demo.sh --build once "
+                           "(as root; 3-4 minutes, downloads Debian packages)")
+def test_chroot_demo_bind_mounts_the_daemon_into_a_debian_root(bin_dir):
+    """The bind-mount story without Docker: lambda-entrypoint.sh in a debootstrapped Debian, as an
+    unprivileged user, runs the bind-mounted single-file daemon with Debian's own python3."""
+    port, runtime_port = free_port(), free_port()
+    env = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port, ROOTFS=str(CHROOT_ROOTFS))
+    proc = Proc([str(ECHO_DIR / "chroot-demo.sh")], env, ECHO_DIR, port, runtime_port)
+    try:
+        proc.wait_healthy(60)
+        status, _, body = proc.invoke({"key": "value"}, name="echo-lambda")
+        assert (status, json.loads(body)) == (200, {"key": "value"}), proc.stderr
+        pid = proc.proc.pid  # every step exec()s: the script's process is now the daemon
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"/usr/local/bin/aws-lambda-rie", b"python3"], cmdline
+        assert os.readlink(f"/proc/{pid}/exe").startswith(str(CHROOT_ROOTFS))  # Debian's python3
+        uid_line = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:")]
+        assert uid_line[0].split()[1] == "65534"  # docker run -u
+    finally:
+        proc.stop()
+    assert proc.proc.returncode == 0, proc.stderr
+
+
 # ---- the echo clients ----------------------------------------------------------------------------
 
 def run_client(*args: str, timeout: float = 120) -> str:
