@@ -56,6 +56,16 @@ def test_subscriber_gets_platform_events_and_function_lines(daemon_factory, tmp_
     assert order == ["platform.start", "function", "function", "function", "platform.runtimeDone", "platform.report"]
 
 
+def test_tcp_destination_gets_ndjson(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["tcp-sub"])
+    status, headers, _ = proc.invoke({"lines": 2})
+    assert status == 200
+    request_id = headers["x-amzn-requestid"]
+    wait_until(lambda: [e for e in log.telemetry("platform.report") if e["record"]["requestId"] == request_id], 10,
+               message="platform.report over TCP")
+    assert f"line 1 of {request_id}" in [e["record"] for e in log.telemetry("function")]
+
+
 def test_function_error_is_reported_in_runtime_done(daemon_factory, tmp_path):
     proc, log = start(daemon_factory, tmp_path, ["telemetry-sub"], handler="handlers.fail")
     status, headers, _ = proc.invoke({})

@@ -10,6 +10,7 @@ many-*       registers 11 extensions under made-up names (the 11th must be refus
 telemetry-*  like rec-*, and subscribes to the Telemetry API (logs-*: to the Logs API); records what it gets
 stall-*      like telemetry-*, but its listener stalls STALL_SECONDS on the first batch
 deaf-*       like telemetry-*, but its listener accepts connections and never answers
+tcp-*        like telemetry-*, with a TCP destination (NDJSON)
 busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its next event/next
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
@@ -145,6 +146,18 @@ def subscribe(ident):
                 keep.append(conn)  # never read, never answered
 
         threading.Thread(target=accept_forever, daemon=True).start()
+    elif KIND == "tcp":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(10)
+        port = sock.getsockname()[1]
+
+        def read_lines():
+            conn, _ = sock.accept()
+            for line in conn.makefile("rb"):
+                record("telemetry", item=json.loads(line))
+
+        threading.Thread(target=read_lines, daemon=True).start()
     else:
         server = HTTPServer(("127.0.0.1", 0), Listener)
         port = server.server_address[1]
@@ -152,6 +165,8 @@ def subscribe(ident):
     api, path = ("/2020-08-15/logs", "logs") if KIND == "logs" else ("/2022-07-01/telemetry", "telemetry")
     body = {"types": ["platform", "function", "extension"], "buffering": {"timeoutMs": 25},
             "destination": {"protocol": "HTTP", "URI": f"http://sandbox.localdomain:{port}/{path}"}}
+    if KIND == "tcp":
+        body["destination"] = {"protocol": "TCP", "URI": f"localhost:{port}"}
     if api.startswith("/2022"):
         body["schemaVersion"] = "2022-12-13"
     status, _, answer_body = call("PUT", api, body, {"Lambda-Extension-Identifier": ident})
@@ -186,7 +201,7 @@ def main():
                                 "Lambda-Extension-Function-Error-Type": "Extension.ConfigInvalid"})
         record("init_error", status=status)
         time.sleep(3600)
-    if KIND in ("telemetry", "logs", "stall", "deaf"):
+    if KIND in ("telemetry", "logs", "stall", "deaf", "tcp"):
         subscribe(ident)
     event_loop(ident)
 
