@@ -406,6 +406,9 @@ class Telemetry:
 
     def close(self) -> None:
         for sub in self.subscriptions.values():
+            if sub.total_dropped:
+                log.info("telemetry subscription of extension %s ended: %d events delivered, %d dropped",
+                         sub.name, sub.delivered, sub.total_dropped)
             sub.close()
         self.subscriptions.clear()
         self.backlog = None
