@@ -1,6 +1,7 @@
 """The single-file executables (bin/lambda-runtime-api-daemon, bin/lambda-server) run by a python3
 that has no packages at all (``-I -S``): no uvloop, no httptools (the pure-Python parser serves),
-the AMQP client from inside the file, awslambdaric from the function's own environment.
+the AMQP client from inside the file (aio-pika 10 on 3.11+, its 9.4.3 set on 3.9/3.10),
+awslambdaric from the function's own environment.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def test_build_is_reproducible_and_carries_no_c_extensions(tmp_path):
     with zipfile.ZipFile(tmp_path / "a" / "lambda-runtime-api-daemon") as archive:
         names = archive.namelist()
         assert archive.testzip() is None
-    assert "__main__.py" in names and "lambda_rapid/httpparser.py" in names and "aio_pika/__init__.py" in names
+    expected = {"__main__.py", "lambda_rapid/httpparser.py", "aio_pika/__init__.py", "_py39/aio_pika/__init__.py"}
+    assert expected <= set(names)
     assert not [n for n in names if n.endswith((".so", ".pyc", ".pyd")) or "__pycache__" in n]
 
 
@@ -129,26 +131,34 @@ def test_kubernetes_init_container_refuses_to_copy_a_console_script():
     assert "single-file build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_amqp_on_an_old_python_is_refused_clearly(bin_dir):
+def test_without_the_py39_amqp_set_amqp_on_an_old_python_is_refused_clearly(tmp_path):
     python = bare_python("3.9")
     if python is None:
         pytest.skip("no python3.9 on this machine")
+    r = subprocess.run([*BUILD, "--out-dir", str(tmp_path), "--without-py39-amqp"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
     env = daemon_env(PORT=free_port(), RUNTIME_API_PORT=free_port(), AMQP_URI=AMQP_URI)
-    r = subprocess.run([python, "-I", "-S", str(bin_dir / "lambda-runtime-api-daemon"), *RIC, "echo.handler"],
+    r = subprocess.run([python, "-I", "-S", str(tmp_path / "lambda-runtime-api-daemon"), *RIC, "echo.handler"],
                        env=env, cwd=ECHO_DIR, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert "needs Python 3.11" in r.stderr and "3.9" in r.stderr
-    r = subprocess.run([python, "-I", "-S", str(bin_dir / "lambda-server")], env=daemon_env(PORT=free_port()),
+    r = subprocess.run([python, "-I", "-S", str(tmp_path / "lambda-server")], env=daemon_env(PORT=free_port()),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "needs Python 3.11" in r.stderr
 
 
 @pytest.mark.skipif(not (HAS_AMQP_FRONT_DOOR and HAS_SERVER),
                     reason="src/lambda_rapid/amqp_rpc.py or src/lambda_rapid/server/ does not exist yet")
-def test_amqp_and_lambda_server_from_single_files(bin_dir):
-    """Daemon and Lambda Server both from bin/, on a bare python, through the real RabbitMQ."""
+@pytest.mark.parametrize("version", ["", "3.9", "3.10"])
+def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
+    """Daemon and Lambda Server both from bin/, on a bare python, through the real RabbitMQ
+    (aio-pika 10 on 3.11+, the archive's aio-pika 9.4.3 set on 3.9 and 3.10)."""
+    python = bare_python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
     function = f"zipapp-echo-{uuid.uuid4().hex[:8]}"
-    daemon = start_single_file(sys.executable, bin_dir / "lambda-runtime-api-daemon", [*RIC, "echo.handler"],
+    daemon = start_single_file(python, bin_dir / "lambda-runtime-api-daemon", [*RIC, "echo.handler"],
                                AWS_LAMBDA_FUNCTION_NAME=function, AMQP_URI=AMQP_URI)
     server = None
     try:
@@ -160,7 +170,7 @@ def test_amqp_and_lambda_server_from_single_files(bin_dir):
         assert "20 invocations" in r.stdout and "0 failed" in r.stdout
 
         port = free_port()
-        server = Proc([sys.executable, "-I", "-S", str(bin_dir / "lambda-server")],
+        server = Proc([python, "-I", "-S", str(bin_dir / "lambda-server")],
                       daemon_env(PORT=port, AMQP_URI=AMQP_URI), ROOT, port, None)
         server.wait_healthy()
         server.wait_ready(30)
