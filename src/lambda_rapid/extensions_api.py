@@ -111,7 +111,7 @@ class Sandbox:
         self.continued = not files  # the runtime has been let go (SIGCONT)
         self.failed = False
         self.runtime_alive = instance is not None
-        self.held: list = []  # (Waiter, Request) of runtime /next calls waiting on the gate
+        self.held: list = []  # (Waiter, Request, its on_abandon) of runtime /next calls held by the gate
         self.hold_timer: Optional[asyncio.TimerHandle] = None
         self.deadline_ms = 0
         self.shutting_down = False
@@ -265,8 +265,8 @@ class ExtensionsApi:
         def gone() -> None:
             waiter.alive = False
 
+        sandbox.held.append((waiter, request, request.on_abandon))
         request.on_abandon = gone
-        sandbox.held.append((waiter, request))
         if sandbox.init_done and sandbox.hold_timer is None:
             # AWS's post-invoke phase: the extensions' work counts against the invocation's timeout.
             remaining = max(0.0, sandbox.deadline_ms / 1000.0 - time.time())
@@ -290,9 +290,9 @@ class ExtensionsApi:
                 self._init_complete(sandbox)
             self._cancel_hold(sandbox)
             held, sandbox.held = sandbox.held, []
-            for waiter, request in held:
+            for waiter, request, on_abandon in held:
                 if waiter.alive:
-                    request.on_abandon = lambda waiter=waiter: self.pool.waiter_gone(waiter)
+                    request.on_abandon = on_abandon  # the Runtime API's own again
                     self.pool.next(waiter)
 
     def _cancel_hold(self, sandbox: Sandbox) -> None:
