@@ -213,6 +213,7 @@ def main() -> int:
     procs = [daemon]
     try:
         wait_http(f"http://127.0.0.1:{port}/_/ready")
+        print(f"daemon pid {daemon.pid}, queue {queue}", file=sys.stderr, flush=True)
         time.sleep(0.5)  # the consumer is set up right after start-up
         if args.path in ("amqp", "both"):
             for n in (int(x) for x in args.inflight.split(",")):
@@ -224,6 +225,7 @@ def main() -> int:
                 ROOT)
             procs.append(server)
             wait_http(f"http://127.0.0.1:{sport}/_/ready")
+            print(f"lambda-server pid {server.pid}", file=sys.stderr, flush=True)
             url = f"http://127.0.0.1:{sport}/2015-03-31/functions/{queue}/invocations"
             pids = {"daemon": daemon.pid, "server": server.pid}
             run_wrk(url, args.connections, max(1.0, args.warmup), pids)  # warm-up

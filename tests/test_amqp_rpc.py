@@ -268,3 +268,15 @@ def test_http_only_daemon_does_not_import_the_amqp_library():
              "import lambda_rapid.amqp_rpc; print('aio_pika' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "True"]
+
+
+def test_deleted_queue_is_declared_again(daemon_factory, rpc):
+    """The broker cancels a consumer whose queue is deleted; the daemon declares it again and goes on
+    consuming instead of sitting on a connection that receives nothing."""
+    name = unique_name("amqp-deleted")
+    daemon = amqp_daemon(daemon_factory, name)
+    _delete_queue(name)
+    wait_consumers(name, 1, 10)
+    props, body = rpc.call(name, b'{"after": "delete"}')
+    assert json.loads(body) == {"after": "delete"}
+    assert "cancelled the consumer" in daemon.stderr
