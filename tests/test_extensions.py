@@ -232,3 +232,14 @@ def test_post_invoke_phase_is_bounded_by_the_deadline(daemon_factory, tmp_path):
     assert len(log.records("start", "busy-x")) == 2
     first = log.records("start", "busy-x")[0]["pid"]
     wait_until(lambda: not alive(first), 5, message="the busy extension to be killed after its 2 s")
+
+
+def test_extension_dying_mid_invocation_fails_it_with_extension_crash(daemon_factory, tmp_path):
+    proc, log = start(daemon_factory, tmp_path, ["die-x"], handler="ext_handlers.sleep")
+    error = function_error(proc.invoke({"seconds": 2}))
+    assert error["errorType"] == "Extension.Crash"
+    assert "die-x" in error["errorMessage"] and "exit status 1" in error["errorMessage"]
+    # The instance was reset: the next invocation runs on a fresh one (with a fresh extension).
+    status, _, body = proc.invoke({"seconds": 0})
+    assert status == 200, body
+    assert len(log.records("start", "die-x")) == 2

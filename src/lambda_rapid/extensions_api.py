@@ -108,6 +108,7 @@ class Sandbox:
         self.extensions: Dict[str, Extension] = {}
         self.telemetry = telemetry
         self.init_done = instance is None
+        self.plain = False  # init done and no extension: nothing to gate or deliver (the hot path)
         self.continued = not files  # the runtime has been let go (SIGCONT)
         self.failed = False
         self.runtime_alive = instance is not None
@@ -228,6 +229,7 @@ class ExtensionsApi:
         else:
             log.warning("instance #%d: extension %s exited (%s); stopping the instance", instance.number, name,
                         status)
+            self._fail_running(instance, "Extension.Crash", f"extension {name} exited: {status}")
             self.pool.kill(instance, "extension_crash")
         self._maybe_forget(sandbox)
 
@@ -255,7 +257,7 @@ class ExtensionsApi:
         if instance.external:
             return False
         sandbox = self.sandboxes.get(instance)
-        if sandbox is None or sandbox.failed or not sandbox.runtime_alive:
+        if sandbox is None or sandbox.plain or sandbox.failed or not sandbox.runtime_alive:
             return False
         if sandbox.all_ready():
             if not sandbox.init_done:
@@ -311,6 +313,7 @@ class ExtensionsApi:
 
     def _init_complete(self, sandbox: Sandbox) -> None:
         sandbox.init_done = True
+        sandbox.plain = not sandbox.extensions  # registration is closed from now on
         duration = (time.monotonic() - sandbox.started) * 1000
         telemetry = sandbox.telemetry
         telemetry.emit("platform", "platform.initRuntimeDone",
@@ -333,6 +336,12 @@ class ExtensionsApi:
             "initializationType": "on-demand", "phase": "init", "status": "failure", "errorType": error_type})
         self.pool._init_failed(instance, errors.function_error(error_type, f"RequestId: {request_id} Error: {message}"))
         self.pool.kill(instance, "init_error")
+
+    def _fail_running(self, instance: Instance, error_type: str, message: str) -> None:
+        """An extension failed mid-invocation: the invocations running on its instance fail with why."""
+        for inv in list(instance.held.values()):
+            self.pool.error(inv.request_id, errors.function_error(
+                error_type, f"RequestId: {inv.request_id} Error: {message}"), error_type)
 
     def explain_init_timeout(self, instance: Instance, request_id: str) -> Optional[bytes]:
         """The init timed out: if extensions are why, say which (pool ``explain_init_timeout``)."""
@@ -362,7 +371,7 @@ class ExtensionsApi:
         """Pool dispatch hook: INVOKE to the extensions, platform.start, then the runtime's event."""
         instance = waiter.instance
         sandbox = self.main if instance.external else self.sandboxes.get(instance)
-        if sandbox is not None:
+        if sandbox is not None and not sandbox.plain:
             if sandbox.telemetry.subscriptions:
                 self._trace_invocation(sandbox, instance, inv)
             if sandbox.extensions:
@@ -658,6 +667,7 @@ class ExtensionsApi:
             self._fail_init(sandbox, kind, text)
         elif not sandbox.shutting_down:
             log.warning("instance #%d: %s; stopping the instance", sandbox.instance.number, text)
+            self._fail_running(sandbox.instance, "Extension.ExitError", text)
             self.pool.kill(sandbox.instance, "extension_error")
 
     # ---- HTTP: Telemetry and Logs API subscriptions --------------------------------------------

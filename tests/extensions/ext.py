@@ -11,6 +11,7 @@ telemetry-*  like rec-*, and subscribes to the Telemetry API (logs-*: to the Log
 stall-*      like telemetry-*, but its listener stalls STALL_SECONDS on the first batch
 deaf-*       like telemetry-*, but its listener accepts connections and never answers
 tcp-*        like telemetry-*, with a TCP destination (NDJSON)
+die-*        like rec-*, but the first one started exits with status 1 on its first INVOKE
 busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its next event/next
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
@@ -37,6 +38,11 @@ def record(what, **fields):
                        **fields})
     with LOCK, open(LOG, "a") as f:
         f.write(line + "\n")
+
+
+def died_before():
+    with open(LOG) as f:
+        return '"what": "died"' in f.read()
 
 
 def call(method, path, body=None, headers=None, timeout=None):
@@ -110,6 +116,9 @@ def event_loop(ident, on_first_invoke=None):
         if event["eventType"] == "SHUTDOWN":
             record("exit")
             sys.exit(0)
+        if KIND == "die" and not died_before():
+            record("died")
+            sys.exit(1)
         if KIND == "busy":
             time.sleep(float(os.environ.get("BUSY_SECONDS", "10")))
 
