@@ -195,7 +195,9 @@ def test_broker_away_at_start_http_serves_and_password_never_logged(daemon_facto
     wait_until(lambda: "after 2 attempts" in daemon.stderr, 15, message="the give-up-and-keep-trying log")
     assert daemon.invoke({"still": "http"})[0] == 200
     assert consumers(name) == -1
+    started = time.monotonic()
     daemon.stop()
+    assert daemon.proc.returncode == 0 and time.monotonic() - started < 5  # no broker does not hold up exit
     assert secret not in daemon.stderr and secret not in daemon.stdout
     assert "guest:xxxxx@" in daemon.stderr
 
