@@ -526,6 +526,19 @@ def test_seed_curl_examples(seed_echo):
     assert json.loads(body)["message"].startswith("Could not parse request body into json")
 
 
+def test_curl_large_payload_gets_100_continue(daemon, tmp_path):
+    # curl asks "Expect: 100-continue" for bodies over 1 MB; without an answer it stalls a second.
+    payload = json.dumps({"action": "echo", "pad": "x" * 2_000_000})
+    (tmp_path / "big.json").write_text(payload)
+    done = subprocess.run(["curl", "-v", "-s", "-o", str(tmp_path / "out.json"), "-XPOST",
+                           daemon.invoke_url(NAME), "-d", f"@{tmp_path / 'big.json'}"], capture_output=True, timeout=30)
+    trace = done.stderr.decode()
+    assert "Expect: 100-continue" in trace
+    assert "HTTP/1.1 100 Continue" in trace
+    assert "Done waiting for 100-continue" not in trace
+    assert json.loads((tmp_path / "out.json").read_text())["pad"] == "x" * 2_000_000
+
+
 def aws_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",

@@ -174,6 +174,10 @@ class HttpConnection(asyncio.Protocol):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             request.too_large = True
+        # curl sends "Expect: 100-continue" with bodies over 1 MB and would wait a second for this.
+        if ("expect" in request.headers and not request.too_large and self.active is None
+                and request.headers["expect"].lower() == "100-continue"):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
         request = self.current
