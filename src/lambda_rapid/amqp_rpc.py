@@ -18,6 +18,7 @@ import asyncio
 import base64
 import inspect
 import logging
+from collections import OrderedDict
 from typing import Optional
 
 import aiormq
@@ -38,6 +39,7 @@ log = logging.getLogger("lambda_rapid.amqp")
 # requests while another idles (the Go daemon's 5, its bug 23). 4 keeps a MAX_CONCURRENCY=2
 # daemon fed at 8 requests in flight.
 PREFETCH_PER_SLOT = 4
+FINISHED_KEPT = 1000  # answered-but-unacked runs remembered for their redelivered copies
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
 # aiormq >= 7 can hand a frame to its writer without waiting for the socket to drain: one task
@@ -61,13 +63,15 @@ class Refusal(Exception):
 class Delivery:
     """One request message from receipt to ack (or requeue)."""
 
-    __slots__ = ("tag", "generation", "inv", "future")
+    __slots__ = ("tag", "generation", "inv", "future", "key", "adopted")
 
     def __init__(self, tag: int, generation: int) -> None:
         self.tag = tag
         self.generation = generation
         self.inv: Optional[Invocation] = None
         self.future: Optional[asyncio.Future] = None
+        self.key: Optional[tuple] = None  # (correlation_id, reply_to): recognises a redelivered copy
+        self.adopted = False  # a redelivered copy answers for this run
 
 
 class AmqpRpc:
@@ -81,6 +85,10 @@ class AmqpRpc:
         self.consumer_tag: Optional[str] = None
         self.stopping = False
         self.active: set = set()  # Deliveries not yet acked or requeued
+        # Work whose channel died while its function ran: the broker redelivers the request, and
+        # the copy is answered from that run instead of running the function twice.
+        self.orphans: dict = {}  # key -> Delivery still running
+        self.finished: OrderedDict = OrderedDict()  # key -> (Invocation, Result, replied) awaiting its copy
         self.tasks: set = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -104,8 +112,15 @@ class AmqpRpc:
         durable = self.config.amqp_durable
         await channel.declare_queue(self.queue_name, durable=durable, auto_delete=not durable)
 
-        async def on_message(message) -> None:
-            await self._handle(message, generation)
+        tasks = self.tasks
+        create_task = asyncio.get_event_loop().create_task
+
+        def on_message(message) -> None:
+            # A task of our own: aiormq cancels its consumer tasks when the channel closes, and a
+            # running invocation must outlive its channel (its redelivered copy waits for it).
+            task = create_task(self._handle(message, generation))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         underlay = await channel.get_underlay_channel()
         ok = await underlay.basic_consume(self.queue_name, on_message, no_ack=False)
@@ -136,13 +151,18 @@ class AmqpRpc:
         task.add_done_callback(self.tasks.discard)
 
     def _lost(self) -> None:
-        """The channel is gone: unacked messages go back to the queue, so drop what has not started."""
+        """The channel is gone and its unacked messages go back to the queue: drop what has not
+        started; remember what is running, so that its redelivered copy can wait for it."""
         self.consumer_tag = None
         for delivery in list(self.active):
             inv = delivery.inv
-            if inv is not None and inv.instance is None and not inv.done:
+            if inv is None or inv.done:
+                continue
+            if inv.instance is None:
                 self.pool.abandon(inv)
                 self._resolve(delivery, REQUEUE)
+            elif delivery.key is not None:
+                self.orphans[delivery.key] = delivery
 
     async def stop_consuming(self) -> None:
         """Cancel the consumer and give back every message that has not reached a runtime."""
@@ -173,9 +193,6 @@ class AmqpRpc:
     async def _handle(self, message, generation: int) -> None:
         delivery = Delivery(message.delivery.delivery_tag, generation)
         self.active.add(delivery)
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
         try:
             await self._run(message, delivery)
         except asyncio.CancelledError:
@@ -193,8 +210,6 @@ class AmqpRpc:
                 log.exception("error while answering AMQP message %s", delivery.tag)
         finally:
             self.active.discard(delivery)
-            if task is not None:
-                self.tasks.discard(task)
 
     async def _run(self, message, delivery: Delivery) -> None:
         props = message.header.properties
@@ -213,15 +228,55 @@ class AmqpRpc:
 
         if inv.invocation_type == "DryRun":
             return await self._answer(delivery, reply_to, correlation_id, b"", {"x-amzn-RequestId": inv.request_id})
+        if correlation_id:
+            delivery.key = (correlation_id, reply_to)
+            if message.delivery.redelivered and await self._answer_copy(delivery, reply_to, correlation_id):
+                return
         loop = asyncio.get_event_loop()
         future = delivery.future = loop.create_future()
         delivery.inv = inv
         inv.on_done = lambda _inv, result: self._resolve(delivery, result)
         self.pool.submit(inv)
         result = await future
-
-        if result is REQUEUE or (result.api_error is errors.SERVICE):
+        if delivery.key is not None and self.orphans.get(delivery.key) is delivery:
+            del self.orphans[delivery.key]
+        if delivery.adopted or result is REQUEUE:
+            return  # its redelivered copy answers (adopted), or the broker has it back already
+        if result.api_error is errors.SERVICE:
             return await self._requeue(delivery)
+        acked = await self._reply(delivery, inv, result, reply_to, correlation_id)
+        if not acked and delivery.key is not None and delivery.generation != self.link.generation:
+            self.finished[delivery.key] = (inv, result, acked is not None)
+            while len(self.finished) > FINISHED_KEPT:
+                self.finished.popitem(last=False)
+
+    async def _answer_copy(self, delivery: Delivery, reply_to: Optional[str], correlation_id: str) -> bool:
+        """A redelivered request whose first delivery ran here on a channel that has since died:
+        answer it from that run (waiting for it if it is still going) rather than run it again."""
+        key = delivery.key
+        orphan = self.orphans.pop(key, None)
+        if orphan is not None and orphan.future is not None and not orphan.future.done():
+            orphan.adopted = True
+            log.info("request %s came back while it still runs here: it will be answered from that run",
+                     correlation_id)
+            result = await orphan.future
+            if result is REQUEUE:
+                return False
+            await self._reply(delivery, orphan.inv, result, reply_to, correlation_id)
+            return True
+        done = self.finished.pop(key, None)
+        if done is None:
+            return False
+        inv, result, replied = done
+        log.info("request %s came back after it ran here: acked without running it again", correlation_id)
+        if replied:
+            await self._answer(delivery, None, None, b"", None)  # its reply went out already: just ack
+        else:
+            await self._reply(delivery, inv, result, reply_to, correlation_id)
+        return True
+
+    async def _reply(self, delivery: Delivery, inv: Invocation, result, reply_to: Optional[str],
+                     correlation_id: Optional[str]) -> Optional[bool]:
         if inv.is_event:
             if result.outcome != "success":
                 log.warning("Event invocation %s ended with %s: %s", inv.request_id, result.outcome,
@@ -234,7 +289,7 @@ class AmqpRpc:
             headers["X-Amz-Function-Error"] = "Unhandled"
         if result.log_tail is not None:
             headers["X-Amz-Log-Result"] = base64.b64encode(result.log_tail).decode()
-        await self._answer(delivery, reply_to, correlation_id, result.body, headers)
+        return await self._answer(delivery, reply_to, correlation_id, result.body, headers)
 
     @staticmethod
     def _resolve(delivery: Delivery, result: object) -> None:
@@ -280,15 +335,16 @@ class AmqpRpc:
 
     # ---- replies and acks ----------------------------------------------------------------------
     async def _answer(self, delivery: Delivery, reply_to: Optional[str], correlation_id: Optional[str],
-                      body: bytes, headers: Optional[dict]) -> None:
-        """Publish the reply (when one is wanted), wait for the broker's confirm, then ack."""
+                      body: bytes, headers: Optional[dict]) -> Optional[bool]:
+        """Publish the reply (when one is wanted), wait for the broker's confirm, then ack.
+        True: acked; False: replied (or no reply wanted) but not acked; None: the reply is lost."""
         link = self.link
         underlay = link.underlay
         if reply_to:
             if underlay is None:
                 log.warning("reply to %s lost: no AMQP connection (the broker redelivers the request if its "
                             "queue survived)", correlation_id)
-                return
+                return None
             props = Basic.Properties(content_type="application/json", correlation_id=correlation_id,
                                      headers=headers or None, delivery_mode=1)
             try:
@@ -297,13 +353,15 @@ class AmqpRpc:
             except Exception as e:
                 log.warning("reply to %s not confirmed: %s; the request stays unacked", correlation_id,
                             link.describe(e))
-                return
+                return None
         if delivery.generation != link.generation or link.underlay is None:
-            return  # the request's channel is gone: the broker has requeued it already
+            return False  # the request's channel is gone: the broker has requeued it already
         try:
             await link.underlay.basic_ack(delivery.tag, **NO_DRAIN)
         except Exception as e:
             log.warning("ack of message %d failed: %s", delivery.tag, link.describe(e))
+            return False
+        return True
 
     async def _requeue(self, delivery: Delivery) -> None:
         link = self.link
