@@ -5,7 +5,8 @@ Result into a reply published to the default exchange with routing key ``reply_t
 reply-to works), the same ``correlation_id``, ``content_type`` application/json and the headers
 ``X-Amz-Function-Error`` / ``X-Amz-Log-Result`` / ``X-Amz-Executed-Version``. A request is acked
 only once its reply is confirmed by the broker, so a daemon that dies mid-invocation loses nothing:
-the broker redelivers. API-level refusals (bad client context, oversized body, 429) are replies
+the broker redelivers (and a copy redelivered after a connection cut is answered from the run
+still going here, not run twice). API-level refusals (bad client context, oversized body, 429) are replies
 carrying ``x-amzn-ErrorType``; a message that cannot be understood is answered, never a crash.
 
 It never talks to the Invoke API or the Runtime API, only to the pool. Connection upkeep
@@ -42,8 +43,8 @@ PREFETCH_PER_SLOT = 4
 FINISHED_KEPT = 1000  # answered-but-unacked runs remembered for their redelivered copies
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
-# aiormq >= 7 can hand a frame to its writer without waiting for the socket to drain: one task
-# switch less per publish and per ack. Older aiormq (Python < 3.11) always drains.
+# aiormq (6.8 and 7) can hand a frame to its writer without waiting for the socket to drain: one
+# task switch less per publish and per ack. The check keeps older aiormq working.
 NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 
 
