@@ -6,13 +6,13 @@ the process with one clear line on stderr and exit status 1, before anything is 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__, logs
 from . import config as config_module
+from .eventloop import new_event_loop
 
 PROG = "lambda-runtime-api-daemon"
 USAGE = f"""usage: {PROG} [--runtime-interface-emulator-address HOST:PORT] [--runtime-api-address HOST:PORT]
@@ -51,14 +51,6 @@ def copy_self_to_tmp() -> int:
     return 0
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"]):
@@ -75,9 +67,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return copy_self_to_tmp()
     logs.setup(config.log_level, config.structured_logging)
 
+    loop = new_event_loop(tls=bool(config.amqp_uri))  # before anything imports asyncio
+    import asyncio
+
     from .daemon import Daemon, StartupError
 
-    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         daemon = Daemon(config)
