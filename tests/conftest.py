@@ -53,8 +53,8 @@ class Proc:
         self.port = port
         self.runtime_port = runtime_port
         self.url = f"http://127.0.0.1:{port}"
-        self._out = tempfile.NamedTemporaryFile(prefix="daemon-out-", suffix=".log", delete=False)
-        self._err = tempfile.NamedTemporaryFile(prefix="daemon-err-", suffix=".log", delete=False)
+        self._out = tempfile.NamedTemporaryFile(prefix="daemon-out-", suffix=".log", delete=False)  # noqa: SIM115
+        self._err = tempfile.NamedTemporaryFile(prefix="daemon-err-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, cwd=str(cwd), stdout=self._out, stderr=self._err,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -285,3 +285,18 @@ def test_spawn_failure_is_reported_and_does_not_wedge(daemon_factory, runnable_s
     status, headers, body = proc.invoke({"action": "echo", "again": True})
     assert status == 200 and json.loads(body)["again"] is True
     assert proc.proc.poll() is None
+
+
+def test_invocations_waiting_for_a_starting_instance_count_against_the_queue(daemon_factory, tmp_path):
+    # SPEC 13: MAX_QUEUED_INVOCATIONS counts everything not yet handed to a runtime, including the
+    # invocation waiting for the instance it caused to start.
+    script = tmp_path / "slow-start"
+    script.write_text(f"#!/bin/sh\nsleep 1.5\nexec {PYTHON} -m awslambdaric e2e_handlers.handler\n")
+    script.chmod(0o755)
+    proc = daemon_factory([str(script)], cwd=FUNCTIONS_DIR, MAX_CONCURRENCY=1, MAX_QUEUED_INVOCATIONS=2,
+                          AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    threads = [in_thread(proc.invoke, {"action": "echo"}) for _ in range(5)]
+    for thread, _ in threads:
+        thread.join(30)
+    statuses = sorted(box["result"][0] for _, box in threads)
+    assert statuses == [200, 200, 429, 429, 429]

@@ -374,3 +374,24 @@ def test_runtime_max_concurrency_passthrough(daemon_factory, tmp_path):
     pgids = {os.getpgid(r["pid"]) for r in results}
     assert len(pgids) == 1
 
+
+
+def test_hand_runtime_that_never_answers_times_out(daemon_factory):
+    """The daemon cannot kill a runtime started by hand: the caller gets the timeout, the runtime's
+    late answer is refused, and the hand runtime keeps serving."""
+    proc = daemon_factory(["sleep", "300"], AWS_LAMBDA_INIT_TIMEOUT=120, AWS_LAMBDA_FUNCTION_TIMEOUT=1)
+    runtime = HandRuntime(proc.runtime_port)
+    thread, box = in_thread(proc.invoke, {"n": 1})
+    _, headers, _ = runtime.next()
+    rid = headers["lambda-runtime-aws-request-id"]
+    thread.join(10)
+    status, caller_headers, body = box["result"]
+    assert caller_headers["x-amz-function-error"] == "Unhandled"
+    assert json.loads(body)["errorType"] == "Sandbox.Timedout"
+    assert runtime.respond(rid, b"late")[0] == 400
+    thread, box = in_thread(proc.invoke, {"n": 2})
+    _, headers, body = runtime.next()
+    assert json.loads(body) == {"n": 2}
+    assert runtime.respond(headers["lambda-runtime-aws-request-id"], b"on time")[0] == 202
+    thread.join(10)
+    assert box["result"][2] == b"on time"

@@ -1,6 +1,5 @@
 """Handlers the tests run under the real awslambdaric (module ``handlers``, cwd = this folder)."""
 
-import json
 import os
 import signal
 import sys
