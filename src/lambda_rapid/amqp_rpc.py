@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import logging
 from collections import OrderedDict
 from typing import Optional
 
-import aiormq
 from pamqp.commands import Basic
 
 from . import errors
-from .amqp_link import BrokerLink
+from .amqp_link import NO_DRAIN, BrokerLink
 from .config import Config
 from .invocation import Invocation, is_uuid, new_request_id
 from .invoke_api import INVOCATION_TYPES, LOG_TYPES, decode_client_context
@@ -43,9 +41,6 @@ PREFETCH_PER_SLOT = 4
 FINISHED_KEPT = 1000  # answered-but-unacked runs remembered for their redelivered copies
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
-# aiormq (6.8 and 7) can hand a frame to its writer without waiting for the socket to drain: one
-# task switch less per publish and per ack. The check keeps older aiormq working.
-NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 
 
 def prefetch_count(config: Config) -> int:

@@ -27,7 +27,7 @@ from aiormq.exceptions import PublishError
 from pamqp.commands import Basic
 
 from .. import errors
-from ..amqp_link import BrokerLink
+from ..amqp_link import NO_DRAIN, BrokerLink
 from ..config import ACCOUNT_ID
 from ..httpserver import Request, header
 from ..invocation import is_uuid, new_request_id
@@ -254,7 +254,8 @@ class Router:
         try:
             if underlay is None:
                 raise ConnectionError("no broker connection")
-            await underlay.basic_publish(payload, exchange="", routing_key=name, mandatory=True, properties=props)
+            await underlay.basic_publish(payload, exchange="", routing_key=name, mandatory=True, properties=props,
+                                         **NO_DRAIN)
         except PublishError:
             # Returned by the broker: no queue is bound to that name, so no daemon serves it.
             log.info("%s: no queue for function %r", rid, name)
