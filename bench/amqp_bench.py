@@ -242,6 +242,9 @@ def main() -> int:
             print(f"lambda-server pid {server.pid}", file=sys.stderr, flush=True)
             url = f"http://127.0.0.1:{sport}/2015-03-31/functions/{queue}/invocations"
             pids = {"daemon": daemon.pid, "server": server.pid}
+            broker = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True).stdout.split()
+            if broker:
+                pids["broker"] = int(broker[0])  # shared with whatever else uses it: an upper bound
             run_wrk(url, args.connections, max(1.0, args.warmup), pids)  # warm-up
             run_wrk(url, args.connections, args.seconds, pids)
     finally:

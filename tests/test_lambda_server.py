@@ -222,3 +222,21 @@ def test_broker_restart_during_a_stream(daemon_factory, server_factory):
     assert {502, 503} & statuses  # the outage was seen, as a clear error
     assert max(seconds for _, seconds in results) < 10  # nothing hung
     assert "lost" in server.stderr and "lost" in daemon.stderr
+
+
+def test_bad_requests_are_refused_before_the_broker(server_factory):
+    server = ready_server(server_factory)
+    name = unique_name("srv-bad")
+    status, headers, body = server.invoke(raw=b"x" * (6 * 1024 * 1024 + 1), name=name)
+    assert status == 413 and headers["x-amzn-errortype"] == "RequestEntityTooLargeException"
+    status, headers, _ = server.invoke(raw=b"{" * 10, name=name, headers={"X-Amz-Invocation-Type": "Event"})
+    assert status == 400 and headers["x-amzn-errortype"] == "InvalidRequestContentException"
+    status, headers, _ = server.invoke({}, name=name, headers={"X-Amz-Client-Context": "%%%"})
+    assert status == 400 and headers["x-amzn-errortype"] == "InvalidRequestContentException"
+    status, headers, _ = server.invoke({}, name=name, headers={"X-Amz-Invocation-Type": "Later"})
+    assert status == 400 and headers["x-amzn-errortype"] == "InvalidParameterValueException"
+    status, headers, _ = server.request("POST", f"/2015-03-31/functions/{name}:1/invocations?Qualifier=2", b"{}")
+    assert status == 400 and headers["x-amzn-errortype"] == "InvalidParameterValueException"
+    assert server.request("GET", f"/2015-03-31/functions/{name}/invocations")[0] == 405
+    assert metric(server, 'lambda_server_requests_total{outcome="rejected"}') == 5
+    assert metric(server, "lambda_server_broker_connected") == 1
