@@ -240,3 +240,17 @@ def test_bad_requests_are_refused_before_the_broker(server_factory):
     assert server.request("GET", f"/2015-03-31/functions/{name}/invocations")[0] == 405
     assert metric(server, 'lambda_server_requests_total{outcome="rejected"}') == 5
     assert metric(server, "lambda_server_broker_connected") == 1
+
+
+def test_large_request_and_reply_cross_the_broker(daemon_factory, server_factory):
+    name = unique_name("srv-big")
+    amqp_daemon(daemon_factory, name, "handlers.big")
+    server = ready_server(server_factory)
+    size = 5 * 1024 * 1024
+    payload = json.dumps({"size": size, "pad": "y" * (5 * 1024 * 1024)}).encode()
+    status, headers, body = server.invoke(raw=payload, name=name, timeout=60)
+    assert status == 200 and "x-amz-function-error" not in headers
+    assert len(body) == size + 2 and body[:3] == b'"xx'
+    status, headers, body = server.invoke({"size": 7 * 1024 * 1024}, name=name, timeout=60)
+    assert headers["x-amz-function-error"] == "Unhandled"
+    assert json.loads(body)["errorType"] == "Function.ResponseSizeTooLarge"
