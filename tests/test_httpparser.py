@@ -154,3 +154,13 @@ def test_unbounded_head_is_refused():
     with pytest.raises(httpparser.HttpParserError):
         for _ in range(200):
             parser.feed_data(b"a" * 1024)
+
+
+@pytest.mark.parametrize("partial", [b"P", b"POST /2015-03-31/functions/f/invocations HTTP/1.1\r\nX-Slow: "])
+def test_a_message_begins_with_its_first_byte(partial):
+    """As in llhttp: the connection's request timer starts with on_message_begin, so a client that
+    sends half a head (slowloris) is timed out rather than treated as an idle connection."""
+    for module in (httptools, httpparser):
+        events, error = parse(module, partial, 1)
+        assert error is None and events[:1] == [("begin",)], module
+    assert parse(httpparser, b"\r\n", 1) == ([], None)

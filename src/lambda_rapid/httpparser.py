@@ -55,7 +55,7 @@ _HEAD, _LENGTH_BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_DATA_END, _TRAILERS, _DEAD
 
 class HttpRequestParser:
     __slots__ = ("_protocol", "_buffer", "_state", "_remaining", "_method", "_version", "_keep_alive",
-                 "_upgrade", "_cb")
+                 "_upgrade", "_begun", "_cb")
 
     def __init__(self, protocol: object) -> None:
         self._protocol = protocol
@@ -66,6 +66,7 @@ class HttpRequestParser:
         self._version = (1, 1)
         self._keep_alive = True
         self._upgrade = False
+        self._begun = False
         # Bound callbacks (or None) looked up once, as httptools does.
         self._cb = {name: getattr(protocol, name, None) for name in (
             "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
@@ -114,6 +115,11 @@ class HttpRequestParser:
                 # Empty lines before a request line are tolerated (RFC 9112 section 2.2).
                 while buf.startswith(b"\r\n", pos):
                     pos += 2
+                if not self._begun and len(buf) > pos and buf[pos:] != b"\r":
+                    # As llhttp: a message begins with its first byte, so the connection's request
+                    # timer runs from there (a slow client sending half a head is timed out).
+                    self._begun = True
+                    self._call("on_message_begin")
                 end = buf.find(b"\r\n\r\n", pos)
                 if end < 0:
                     if len(buf) - pos > MAX_BUFFERED_HEAD:
@@ -208,7 +214,9 @@ class HttpRequestParser:
         self._method = method
         self._version = (int(major), int(minor))
         self._remaining = 0
-        self._call("on_message_begin")
+        if not self._begun:
+            self._begun = True
+            self._call("on_message_begin")
         self._call("on_url", url)
 
         length: Optional[int] = None
@@ -274,4 +282,5 @@ class HttpRequestParser:
 
     def _finish_message(self) -> None:
         self._state = _HEAD
+        self._begun = False
         self._call("on_message_complete")
