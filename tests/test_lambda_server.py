@@ -254,3 +254,21 @@ def test_large_request_and_reply_cross_the_broker(daemon_factory, server_factory
     status, headers, body = server.invoke({"size": 7 * 1024 * 1024}, name=name, timeout=60)
     assert headers["x-amz-function-error"] == "Unhandled"
     assert json.loads(body)["errorType"] == "Function.ResponseSizeTooLarge"
+
+
+def test_throttled_invoke_is_429_through_the_broker(daemon_factory, server_factory):
+    """The daemon's 429 (no runtime free and no waiting allowed) travels back as an error reply and
+    becomes boto3's TooManyRequestsException."""
+    name = unique_name("srv-429")
+    daemon = amqp_daemon(daemon_factory, name, "handlers.sleep", MAX_QUEUED_INVOCATIONS=0,
+                         AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    server = ready_server(server_factory)
+    first = threading.Thread(target=server.invoke, args=({"seconds": 2},), kwargs={"name": name})
+    first.start()
+    try:
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in daemon.metrics(), 15, message="first running")
+        lam = client(server.url)
+        with pytest.raises(lam.exceptions.TooManyRequestsException):
+            lam.invoke(FunctionName=name, Payload=b'{"seconds": 0}')
+    finally:
+        first.join(20)
