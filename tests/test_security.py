@@ -78,6 +78,16 @@ def test_upgrade_requests_are_answered_and_never_switch_protocols(daemon):
     still_serves(daemon)
 
 
+@pytest.mark.parametrize("path", ["/_/health", "/metrics", "/nope", "/2015-03-31/functions/sec-fn/invocations"])
+def test_head_answers_have_no_body(daemon, path):
+    answer = raw_exchange(daemon.port, b"HEAD %s HTTP/1.1\r\n\r\nGET /_/health HTTP/1.1\r\nConnection: close\r\n\r\n"
+                          % path.encode())
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 ")
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert rest.endswith(b"\r\n\r\nOK")
+
+
 def test_half_request_then_close_on_every_port(daemon):
     for port in (daemon.port, daemon.runtime_port, instance_port(daemon)):
         assert raw_exchange(port, b"POST /2015-03-31/functions/function/invo", timeout=2, shut_write=True) == b""

@@ -218,6 +218,8 @@ class HttpConnection(asyncio.Protocol):
             b"connection: close\r\n" if close else b"",
             b"content-length: %d\r\n\r\n" % len(body),
         ))
+        if request.method == "HEAD":
+            body = b""  # the GET's headers, never a body: its bytes would be read as the next response
         transport = self.transport
         assert transport is not None
         if len(body) < 65536:
