@@ -300,3 +300,31 @@ def test_invocations_waiting_for_a_starting_instance_count_against_the_queue(dae
         thread.join(30)
     statuses = sorted(box["result"][0] for _, box in threads)
     assert statuses == [200, 200, 429, 429, 429]
+
+
+def test_many_concurrent_callers_each_get_their_own_answer(daemon_factory):
+    """Keep-alive clients in parallel, more than the instances: nothing lost, nothing misrouted."""
+    proc = daemon_factory(E2E, cwd=FUNCTIONS_DIR, MAX_CONCURRENCY=2, AWS_LAMBDA_FUNCTION_TIMEOUT=30)
+    clients = 16
+    per_client = 15
+    failures: list = []
+
+    def caller(c: int) -> None:
+        client = lambda_client(proc.url)
+        for k in range(per_client):
+            tag = f"{c}-{k}"
+            r = client.invoke(FunctionName="function", Payload=json.dumps({"action": "echo", "tag": tag}))
+            body = read_payload(r)
+            rid = r["ResponseMetadata"]["RequestId"]
+            if r["StatusCode"] != 200 or body != {"action": "echo", "tag": tag} or not rid:
+                failures.append((tag, r["StatusCode"], body))
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+    text = proc.metrics()
+    assert metric(text, 'lambda_invocations_total{outcome="success"}') == clients * per_client
+    assert metric(text, "lambda_instance_spawns_total") <= 2
