@@ -180,3 +180,19 @@ def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
         if server is not None:
             server.stop()
         daemon.stop()
+
+
+@pytest.mark.timeout(600)
+def test_security_suite_on_the_single_files_code_paths():
+    """tests/test_security.py (bad HTTP, slow clients, limits) again, with httptools and uvloop
+    hidden in every process: the daemon then runs on asyncio and lambda_rapid.httpparser, as the
+    single file does on any python3."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = str(ROOT / "tools" / "pure-python")
+    probe = subprocess.run([sys.executable, "-c", "import lambda_rapid.httpserver as h; print(h.httptools.__name__)"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "lambda_rapid.httpparser", probe.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_security.py"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
