@@ -63,7 +63,7 @@ def test_bare_python_really_has_no_packages():
         assert r.returncode != 0, module
 
 
-@pytest.mark.parametrize("version", ["", "3.9"])
+@pytest.mark.parametrize("version", ["", "3.9", "3.10", "3.12", "3.13"])
 def test_serves_echo_with_a_bare_python(bin_dir, version):
     python = bare_python(version)
     if python is None:
@@ -150,7 +150,7 @@ def test_without_the_py39_amqp_set_amqp_on_an_old_python_is_refused_clearly(tmp_
 
 @pytest.mark.skipif(not (HAS_AMQP_FRONT_DOOR and HAS_SERVER),
                     reason="src/lambda_rapid/amqp_rpc.py or src/lambda_rapid/server/ does not exist yet")
-@pytest.mark.parametrize("version", ["", "3.9", "3.10"])
+@pytest.mark.parametrize("version", ["", "3.9", "3.10", "3.12", "3.13"])
 def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
     """Daemon and Lambda Server both from bin/, on a bare python, through the real RabbitMQ
     (aio-pika 10 on 3.11+, the archive's aio-pika 9.4.3 set on 3.9 and 3.10)."""
