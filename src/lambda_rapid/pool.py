@@ -240,7 +240,7 @@ class Pool:
     def _release(self, inv: Invocation) -> None:
         instance = inv.instance
         instance.held.pop(inv.request_id, None)
-        if instance.kill_reason is None and instance.state == READY:
+        if instance.kill_reason is None and instance.state == READY and not instance.external:
             instance.returning += 1
             self.returning += 1
         now = time.monotonic()
