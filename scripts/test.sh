@@ -10,5 +10,5 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
   fi
   rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 || rabbitmqctl await_startup
 fi
-.venv/bin/ruff check src tests bench examples
+.venv/bin/ruff check src tests bench examples tools
 exec .venv/bin/pytest -q "$@"
