@@ -107,6 +107,7 @@ class HttpRequestParser:
 
     def _feed(self, data: bytes) -> None:
         buf = self._buffer
+        prior = len(buf)  # bytes of earlier feeds still buffered (a head cut across packets)
         buf += data
         pos = 0
         while True:
@@ -137,7 +138,7 @@ class HttpRequestParser:
                     self._call("on_message_complete")
                     del buf[:pos]
                     self._state = _DEAD
-                    raise HttpParserUpgrade(pos)
+                    raise HttpParserUpgrade(pos - prior)  # as httptools: an offset into ``data``
             elif state == _LENGTH_BODY:
                 available = len(buf) - pos
                 if available <= 0:

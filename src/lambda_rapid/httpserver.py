@@ -43,6 +43,21 @@ def header(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("latin-1", "replace")
 
 
+def _without_upgrade(request: Request, url: bytes) -> bytes:
+    """The head of ``request`` again, without the headers that ask for a protocol upgrade."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("latin-1"), url)]
+    for name, value in request.headers.items():
+        if name in ("upgrade", "http2-settings"):
+            continue
+        if name == "connection":
+            value = ",".join(t for t in value.split(",") if t.strip().lower() not in ("upgrade", "http2-settings"))
+            if not value.strip():
+                continue
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 class _StopParsing(Exception):
     pass
 
@@ -81,7 +96,7 @@ class Request:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "app", "transport", "parser", "current", "active", "pending", "started",
-                 "idle_since", "header_bytes", "url_parts", "context", "closed", "peer")
+                 "idle_since", "header_bytes", "url_parts", "context", "closed", "peer", "upgrading")
 
     def __init__(self, server: HttpServer, context: object = None) -> None:
         self.server = server
@@ -98,6 +113,7 @@ class HttpConnection(asyncio.Protocol):
         self.context = context  # application data bound to the listener (e.g. its runtime instance)
         self.closed = False
         self.peer = None
+        self.upgrading: Optional[Request] = None  # a request asking for Upgrade, parsed again without it
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,8 +132,16 @@ class HttpConnection(asyncio.Protocol):
                 return
             log.exception("error while handling a request from %s", self.peer)
             self._fail(500, "internal error")
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as e:
+            request, self.upgrading = self.upgrading, None
+            if request is None:
+                self._fail(400, "protocol upgrades are not supported")
+                return
+            # RFC 9110 7.8: a server may ignore Upgrade (curl --http2 asks for h2c on every request).
+            # Parse the request again as plain HTTP/1.1 without its upgrade headers, then the rest.
+            self.current = None
+            self.parser = httptools.HttpRequestParser(self)
+            self.data_received(_without_upgrade(request, b"".join(self.url_parts)) + data[e.args[0]:])
         except httptools.HttpParserError as e:
             log.info("bad HTTP from %s: %s", self.peer, e)
             self._fail(400, "malformed HTTP request")
@@ -174,6 +198,12 @@ class HttpConnection(asyncio.Protocol):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             request.too_large = True
+        if request.method == "CONNECT":
+            self._fail(400, "CONNECT is not supported")
+            raise _StopParsing()
+        if "upgrade" in request.headers and self.parser.should_upgrade():
+            self.upgrading = request
+            return
         # curl sends "Expect: 100-continue" with bodies over 1 MB and would wait a second for this.
         if ("expect" in request.headers and not request.too_large and self.active is None
                 and request.headers["expect"].lower() == "100-continue"):
@@ -195,6 +225,8 @@ class HttpConnection(asyncio.Protocol):
         assert request is not None
         self.current = None
         self.started = 0.0
+        if request is self.upgrading:
+            return  # not dispatched: data_received parses it again without the upgrade
         parts = request._parts
         if parts:
             request.body = parts[0] if len(parts) == 1 else b"".join(parts)
