@@ -1,7 +1,7 @@
-"""The HTTP layer in-process, with httptools and with the pure-Python parser of the single-file
-build: requests that ask for a protocol upgrade are served as plain HTTP/1.1 (curl --http2 asks for
-h2c), HEAD answers carry no body, ``Expect: 100-continue`` is answered.
-"""
+"""The HTTP layer on an in-memory transport: framing, pipelining order, limits, bad input; and on real
+sockets, with httptools and with the pure-Python parser of the single-file build: requests asking for
+a protocol upgrade are served as plain HTTP/1.1 (curl --http2 asks for h2c), HEAD answers carry no
+body, ``Expect: 100-continue`` is answered."""
 
 from __future__ import annotations
 
@@ -12,6 +12,118 @@ import pytest
 
 from lambda_rapid import httpparser, httpserver
 
+
+class Transport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 1)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class App:
+    def __init__(self, answer: bool = True) -> None:
+        self.seen = []
+        self.answer = answer
+
+    def body_limit(self, request) -> int:
+        return 100
+
+    def handle(self, request) -> None:
+        self.seen.append((request.method, request.path, request.query, dict(request.headers), request.body,
+                          request.keep_alive, request.too_large))
+        if self.answer:
+            request.respond(200, b"", b"ok")
+
+
+def run(chunks, answer: bool = True):
+    app = App(answer)
+    server = httpserver.HttpServer(app)
+    conn = httpserver.HttpConnection(server)
+    transport = Transport()
+    conn.connection_made(transport)
+    for chunk in chunks:
+        conn.data_received(chunk)
+    return app.seen, bytes(transport.out), transport.closed
+
+
+CASES = [
+    [b"POST /a/b?x=1&y=2 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}"],
+    [b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: h\r\nUser-Agent: x/1\r\n\r\n"],
+    # pipelined, then split in odd places
+    [b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET /3 HTTP/1.1\r\n\r\n"],
+    [b"POST /p HTTP/1.1\r\nContent-Le", b"ngth: 4\r\n\r\nab", b"cd"],
+    # chunked body, HTTP/1.0, Connection: close, repeated header, spaces around values
+    [b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+    [b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n"],
+    [b"GET /close HTTP/1.1\r\nConnection: close\r\n\r\n"],
+    [b"GET /dup HTTP/1.1\r\nX-A: 1\r\nX-A: 2\r\n\r\n"],
+    [b"GET /ws HTTP/1.1\r\nX-Pad:    padded value  \t\r\nX-Empty:\r\n\r\n"],
+    # over the body limit: answered, body dropped
+    [b"POST /big HTTP/1.1\r\nContent-Length: 150\r\n\r\n" + b"x" * 150],
+]
+
+
+EXPECTED = [
+    [("POST", "/a/b", "x=1&y=2", {"host": "h", "content-type": "application/json", "content-length": "7"},
+      b'{"a":1}', True, False)],
+    [("GET", "/2018-06-01/runtime/invocation/next", "", {"host": "h", "user-agent": "x/1"}, b"", True, False)],
+    [("GET", "/1", "", {"host": "h"}, b"", True, False),
+     ("POST", "/2", "", {"content-length": "2"}, b"{}", True, False),
+     ("GET", "/3", "", {}, b"", True, False)],
+    [("POST", "/p", "", {"content-length": "4"}, b"abcd", True, False)],
+    [("POST", "/c", "", {"transfer-encoding": "chunked"}, b"abc", True, False)],
+    [("GET", "/old", "", {"host": "h"}, b"", False, False)],
+    [("GET", "/close", "", {"connection": "close"}, b"", False, False)],
+    [("GET", "/dup", "", {"x-a": "1,2"}, b"", True, False)],
+    [("GET", "/ws", "", {"x-pad": "padded value", "x-empty": ""}, b"", True, False)],
+    [("POST", "/big", "", {"content-length": "150"}, b"", True, True)],
+]
+
+
+@pytest.mark.parametrize("chunks,expected", list(zip(CASES, EXPECTED)))
+def test_requests_are_framed_and_parsed(chunks, expected):
+    seen, out, closed = run(chunks)
+    assert seen == expected
+    assert out.count(b"HTTP/1.1 200 OK") == len(expected)
+    assert closed == (not expected[-1][5])
+
+
+@pytest.mark.parametrize("bad", [
+    b"GET /x HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+])
+def test_bad_requests_get_400_and_close(bad):
+    seen, out, closed = run([bad])
+    assert seen == []
+    assert out.startswith(b"HTTP/1.1 400"), out
+    assert closed
+
+
+def test_pipelined_requests_wait_for_the_active_one():
+    seen, out, _ = run([b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"], answer=False)
+    assert [s[1] for s in seen] == ["/1"]
+    assert out == b""
+
+
+# ---- on real sockets, with both parsers --------------------------------------------------------
 
 class EchoApp:
     """Answers every request with its method, path and body."""
@@ -47,7 +159,7 @@ def parser(request, monkeypatch):
     return request.param
 
 
-def run(data: bytes, pieces: int = 1) -> bytes:
+def run_socket(data: bytes, pieces: int = 1) -> bytes:
     return asyncio.run(exchange(data, pieces))
 
 
@@ -57,7 +169,7 @@ H2C = (b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nU
 
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_h2c_upgrade_is_served_as_http1(parser, pieces):
-    answer = run(H2C + b"GET /y HTTP/1.1\r\nConnection: close\r\n\r\n", pieces)
+    answer = run_socket(H2C + b"GET /y HTTP/1.1\r\nConnection: close\r\n\r\n", pieces)
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
     assert b"POST /x hello" in answer
     assert answer.endswith(b"GET /y ")
@@ -65,20 +177,20 @@ def test_h2c_upgrade_is_served_as_http1(parser, pieces):
 
 
 def test_websocket_upgrade_is_served_as_http1(parser):
-    answer = run(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    answer = run_socket(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                  b"GET /z HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
     assert b"GET /ws " in answer and answer.endswith(b"GET /z ")
 
 
 def test_connect_is_refused(parser):
-    answer = run(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    answer = run_socket(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert answer.count(b"HTTP/1.1") == 1, answer
 
 
 def test_head_has_no_body(parser):
-    answer = run(b"HEAD /h HTTP/1.1\r\n\r\nGET /g HTTP/1.1\r\nConnection: close\r\n\r\n")
+    answer = run_socket(b"HEAD /h HTTP/1.1\r\n\r\nGET /g HTTP/1.1\r\nConnection: close\r\n\r\n")
     first, _, rest = answer.partition(b"\r\n\r\n")
     assert b"content-length: 8\r\n" in first + b"\r\n"  # the GET's length: "HEAD /h "
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -86,6 +198,6 @@ def test_head_has_no_body(parser):
 
 
 def test_expect_100_continue(parser):
-    answer = run(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab")
+    answer = run_socket(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab")
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"POST /e ab")
