@@ -6,6 +6,7 @@ body, ``Expect: 100-continue`` is answered."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httptools
 import pytest
@@ -201,3 +202,49 @@ def test_expect_100_continue(parser):
     answer = run_socket(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab")
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"POST /e ab")
+
+
+async def slow_clients(request_timeout: float) -> tuple:
+    """Three slow clients against a server with a short request timeout: (answers, requests seen)."""
+    app = EchoApp()
+    seen: list = []
+    app.handle = lambda request: seen.append(request.path)  # type: ignore[method-assign]
+    server = httpserver.HttpServer(app, request_timeout=request_timeout)
+    listener = await server.listen("127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    heads = [b"POST /half-head HTTP/1.1\r\nX-Slow: ",
+             b"POST /partial-body HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 60,
+             b"POST /trickle HTTP/1.1\r\nX-Trickle: "]
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in heads]
+    for (_, writer), head in zip(conns, heads):
+        writer.write(head)
+    answers = [b""] * len(conns)
+
+    async def trickle() -> None:
+        writer = conns[2][1]
+        for _ in range(30):  # progress alone must not keep a request alive
+            await asyncio.sleep(0.2)
+            if writer.is_closing():
+                return
+            writer.write(b"t")
+
+    async def read(k: int) -> None:
+        answers[k] = await conns[k][0].read()
+
+    trickler = asyncio.ensure_future(trickle())
+    await asyncio.wait_for(asyncio.gather(*(read(k) for k in range(len(conns)))), 10)
+    trickler.cancel()
+    for _, writer in conns:
+        writer.close()
+    server.close()
+    server.close_connections()
+    return answers, seen
+
+
+def test_slow_clients_get_408_and_never_reach_the_app(parser):
+    # The daemon uses a 60 s request timeout (tests/test_security.py waits it out once, end to end).
+    started = time.monotonic()
+    answers, seen = asyncio.run(slow_clients(1.0))
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers
+    assert seen == []
+    assert time.monotonic() - started < 8

@@ -161,53 +161,32 @@ def test_headers_just_under_the_limit_are_fine(daemon):
     assert status == 200 and json.loads(body)["k"] == 2
 
 
-def test_slow_clients_are_dropped_and_never_reach_a_runtime(daemon_factory, tmp_path):
-    """Slowloris: connections that never finish their headers or body. They hold nothing: others are
-    served meanwhile; the daemon closes them (408) after its request timeout; a body that was never
-    completed never reaches the function."""
+def test_slow_clients_hold_nothing_and_never_reach_a_runtime(daemon_factory, tmp_path):
+    """Slowloris: connections that never finish their headers or body hold nothing: others are served
+    meanwhile, and a body that was never completed never reaches the function. (That the daemon closes
+    them with 408 after its 60 s request timeout is shown on the same HTTP layer with a 1 s timeout in
+    tests/test_httpserver.py, for both parsers: waiting 60 s here would cost the suite a minute twice.)"""
     proc = daemon_factory(E2E, cwd=FUNCTIONS_DIR, MAX_CONCURRENCY=1)
     marker = tmp_path / "slow.txt"
     body = json.dumps({"action": "marker", "path": str(marker)}).encode()
     slow = []
-    for i in range(20):
-        s = socket.create_connection(("127.0.0.1", proc.port), timeout=90)
-        if i % 2:
-            s.sendall(b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                      % (len(body), body[:-5]))
-        else:
-            s.sendall(b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nX-Slow: ")
-        slow.append(s)
-    started = time.monotonic()
     try:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+            if i % 2:
+                s.sendall(b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body[:-5]))
+            else:
+                s.sendall(b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nX-Slow: ")
+            slow.append(s)
         for _ in range(3):
+            started = time.monotonic()
             still_serves(proc, name="function")
-        # Keep the partial bodies trickling for a while: progress alone must not keep a request alive.
-        for _ in range(3):
-            time.sleep(1)
+            assert time.monotonic() - started < 5
             for s in slow[::2]:
                 s.sendall(b"x")  # a header value that keeps growing, slowly
-        answers = [b""] * len(slow)
-
-        def read(k: int, s: socket.socket) -> None:
-            data = b""
-            while True:
-                try:
-                    chunk = s.recv(4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                data += chunk
-            answers[k] = data
-
-        readers = [threading.Thread(target=read, args=(k, s)) for k, s in enumerate(slow)]
-        for t in readers:
-            t.start()
-        for t in readers:
-            t.join(120)
-        elapsed = time.monotonic() - started
-        assert all(status_of(a) == 408 for a in answers), [a[:40] for a in answers]
-        assert elapsed < 110
+        assert proc.request("GET", "/_/health")[0] == 200
+        assert "lambda_queue_depth 0" in proc.metrics()
     finally:
         for s in slow:
             s.close()
