@@ -93,6 +93,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def syscalls(pid: int) -> tuple:
+    """(read, write) system calls made so far by a process, from /proc/PID/io: unlike CPU time, these
+    counts do not swell when the shared machine is busy, so they show what a change saves."""
+    counts = {}
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                counts[key] = int(value)
+    except (OSError, ValueError):
+        pass
+    return counts.get("syscr", 0), counts.get("syscw", 0)
+
+
 def percentile(values: list, q: float) -> float:
     if not values:
         return 0.0
@@ -150,23 +164,27 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     await asyncio.sleep(warmup)
     measuring[0] = True
     began = loop.time()
-    cpu_daemon, cpu_client = cpu_seconds(daemon_pid), time.process_time()
+    cpu_daemon, cpu_client, io_daemon = cpu_seconds(daemon_pid), time.process_time(), syscalls(daemon_pid)
     await asyncio.sleep(seconds)
     measuring[0] = False
     elapsed = loop.time() - began
     cpu_daemon, cpu_client = cpu_seconds(daemon_pid) - cpu_daemon, time.process_time() - cpu_client
+    io_daemon = [b - a for a, b in zip(io_daemon, syscalls(daemon_pid))]
     await asyncio.gather(*tasks)
     await connection.close()
     per = 1e6 / max(1, counted[0])
     return report(f"amqp-rpc inflight={inflight}", counted[0], elapsed, list(latencies), counted[1],
                   inflight=inflight, daemon_cpu_us_per_reply=round(cpu_daemon * per),
-                  client_cpu_us_per_reply=round(cpu_client * per))
+                  client_cpu_us_per_reply=round(cpu_client * per),
+                  daemon_reads_per_reply=round(io_daemon[0] / max(1, counted[0]), 2),
+                  daemon_writes_per_reply=round(io_daemon[1] / max(1, counted[0]), 2))
 
 
 # ---- lambda-server with wrk ----------------------------------------------------------------------
 
 def run_wrk(url: str, connections: int, seconds: float, pids: dict) -> dict:
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    io_before = {name: syscalls(pid) for name, pid in pids.items() if name != "broker"}
     if shutil.which("wrk") is None:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--url", url, "--connections",
                               str(connections), "--seconds", str(seconds)], capture_output=True, text=True)
@@ -195,6 +213,10 @@ def run_wrk(url: str, connections: int, seconds: float, pids: dict) -> dict:
               "p50_ms": ms("50"), "p99_ms": ms("99"), "errors": int(non2xx.group(1)) if non2xx else 0}
     result.update({f"{name}_cpu_us_per_request": round((cpu_seconds(pid) - before[name]) * per)
                    for name, pid in pids.items()})
+    for name, counts in io_before.items():
+        reads, writes = (b - a for a, b in zip(counts, syscalls(pids[name])))
+        result[f"{name}_reads_per_request"] = round(reads * per / 1e6, 2)
+        result[f"{name}_writes_per_request"] = round(writes * per / 1e6, 2)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return result
 

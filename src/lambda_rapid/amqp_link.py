@@ -19,6 +19,8 @@ from typing import Awaitable, Callable, Optional
 
 import aio_pika
 import aiormq
+import aiormq.connection
+from aiormq.abc import ChannelFrame
 
 from .config import redact_uri
 
@@ -29,6 +31,54 @@ log = logging.getLogger("lambda_rapid.amqp")
 NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 MAX_BACKOFF = 30.0  # seconds between attempts once connection_attempts are used up
 CONNECT_TIMEOUT = 10.0
+
+
+class CoalescingFrames(aiormq.connection.FrameGenerator):
+    """aiormq's connection writer, fed one write per *batch*: whatever frames the channels queued
+    in the same loop turn (a reply and the acks piggy-backed on it, several publishes) go out in
+    one socket write instead of one each. Each ``ChannelFrame`` is already marshalled by aiormq;
+    this only joins their bytes, in queue order. A frame that closes the connection, or one
+    queued behind the first that waits for the drain, is sent on its own as aiormq does.
+    On a loopback socket a write is the largest single cost per message (~40 us of CPU)."""
+
+    def __init__(self, queue: asyncio.Queue) -> None:
+        super().__init__(queue)
+        self.held: Optional[ChannelFrame] = None
+
+    async def __anext__(self) -> ChannelFrame:
+        frame = self.held
+        if frame is not None and not self.close_event.is_set():
+            self.held = None
+        else:
+            frame = await super().__anext__()
+        queue = self.queue
+        if frame.should_close or queue.empty():
+            return frame
+        parts = [frame.payload]
+        while not queue.empty():
+            queued = queue.get_nowait()
+            queue.task_done()
+            if queued.should_close or queued.drain_future is not None:
+                self.held = queued
+                break
+            parts.append(queued.payload)
+        if len(parts) == 1:
+            return frame
+        return ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=frame.drain_future)
+
+
+def _coalesce_writes() -> bool:
+    """Make aiormq's writer use ``CoalescingFrames`` (aiormq 6.8 and 7 build it by this name)."""
+    generator = getattr(aiormq.connection, "FrameGenerator", None)
+    fields = getattr(ChannelFrame, "__dataclass_fields__", {})
+    if generator is None or not {"payload", "should_close", "drain_future"} <= set(fields):
+        return False
+    if generator is not CoalescingFrames:
+        aiormq.connection.FrameGenerator = CoalescingFrames
+    return True
+
+
+COALESCING = _coalesce_writes()
 
 
 def split_uri(uri: str) -> tuple:
