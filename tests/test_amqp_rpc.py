@@ -308,3 +308,35 @@ def test_deleted_queue_is_declared_again(daemon_factory, rpc):
     props, body = rpc.call(name, b'{"after": "delete"}')
     assert json.loads(body) == {"after": "delete"}
     assert "cancelled the consumer" in daemon.stderr
+
+
+def _queue_counts(name: str) -> tuple:
+    """(ready, unacknowledged) messages of a queue, as the broker counts them."""
+    out = _ctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
+    line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
+    ready, unacked = line.split("\t")[1:3]
+    return int(ready), int(unacked)
+
+
+def test_answered_requests_are_acked_without_more_traffic(daemon_factory):
+    """Acks wait to share the next reply's socket write; the last ones must still go out on their
+    own when no more replies come, or they would hold prefetch slots (and come back on a cut)."""
+    name = unique_name("amqp-acked")
+    daemon = amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2, AMQP_DURABLE_QUEUE="true")
+    try:
+        with RpcClient() as client:
+            ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(30)]
+            for i, cid in enumerate(ids):
+                assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
+            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "every request acked")
+            assert client.call(name, b'{"alone": 1}')[1] == b'{"alone": 1}'
+            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the lone request acked")
+            # SIGTERM right after a reply: its ack is written before the connection closes, so
+            # the request does not come back to the queue.
+            assert client.call(name, b'{"last": 1}')[1] == b'{"last": 1}'
+        assert metric(daemon, SUCCESS) == 32
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+        assert _queue_counts(name) == (0, 0)
+    finally:
+        _delete_queue(name)
