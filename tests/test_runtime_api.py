@@ -395,3 +395,24 @@ def test_hand_runtime_that_never_answers_times_out(daemon_factory):
     assert runtime.respond(headers["lambda-runtime-aws-request-id"], b"on time")[0] == 202
     thread.join(10)
     assert box["result"][2] == b"on time"
+
+
+def test_only_the_instance_running_an_invocation_may_answer_it(daemon_factory):
+    """A process on the main port (or another instance's port) cannot answer an invocation that a
+    spawned instance is running: 400, and the real runtime's answer still reaches the caller."""
+    proc = daemon_factory(RIC + ["handlers.sleep"], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    request_id = str(uuid.uuid4())
+    thread, box = in_thread(proc.invoke, {"seconds": 1.0}, headers={"Amz-Sdk-Invocation-Id": request_id})
+    deadline = time.monotonic() + 10
+    while 'lambda_instances{state="busy"} 1' not in proc.metrics():
+        assert time.monotonic() < deadline, "the invocation never started"
+        time.sleep(0.02)
+    intruder = HandRuntime(proc.runtime_port)
+    status, _, body = intruder.respond(request_id, b'"forged"')
+    assert status == 400
+    assert json.loads(body)["errorType"] == "InvalidRequestID"
+    thread.join(15)
+    status, headers, body = box["result"]
+    assert status == 200
+    assert json.loads(body)["slept"] == 1.0
+    assert headers["x-amzn-requestid"] == request_id

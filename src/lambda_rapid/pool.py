@@ -312,8 +312,10 @@ class Pool:
             waiter.alive = False
             waiter.instance.waiters -= 1
 
-    def is_running(self, request_id: str) -> bool:
-        return request_id in self.in_flight
+    def holder(self, request_id: str) -> Optional[Instance]:
+        """The instance running ``request_id``, or None if no runtime holds it."""
+        inv = self.in_flight.get(request_id)
+        return None if inv is None else inv.instance
 
     def respond(self, request_id: str, body: bytes) -> bool:
         inv = self.in_flight.pop(request_id, None)

@@ -115,29 +115,29 @@ class RuntimeApi:
 
     def _result(self, request: Request, request_id: str, action: str) -> None:
         pool = self.pool
-        if not request.too_large and pool.is_running(request_id):
-            # Let the runtime go back to /next first: at one connection per runtime, its turnaround,
-            # not the caller's, is what bounds the rate.
-            request.respond_json(202, ACCEPTED)
-            if action == "response":
-                pool.respond(request_id, request.body)
-            else:
-                pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
-            return
-        if request.too_large:
-            if pool.response_too_large(request_id):
-                return request.respond_json(413, errors.runtime_api_error(
-                    "RequestEntityTooLarge",
-                    f"Exceeded maximum allowed payload size ({errors.RESPONSE_LIMIT} bytes)."))
+        holder = pool.holder(request_id)
+        if holder is None or not self._answers_for(request, holder):
             return self._invalid_id(request, request_id)
+        if request.too_large:
+            pool.response_too_large(request_id)
+            return request.respond_json(413, errors.runtime_api_error(
+                "RequestEntityTooLarge", f"Exceeded maximum allowed payload size ({errors.RESPONSE_LIMIT} bytes)."))
+        # Let the runtime go back to /next first: at one connection per runtime, its turnaround,
+        # not the caller's, is what bounds the rate.
+        request.respond_json(202, ACCEPTED)
         if action == "response":
-            ok = pool.respond(request_id, request.body)
+            pool.respond(request_id, request.body)
         else:
-            ok = pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
-        if ok:
-            request.respond_json(202, ACCEPTED)
-        else:
-            self._invalid_id(request, request_id)
+            pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
+
+    @staticmethod
+    def _answers_for(request: Request, holder: Instance) -> bool:
+        """Only the instance running an invocation may answer it (over its own listener); runtimes
+        started by hand answer over the main port, on any connection."""
+        source = request.conn.context
+        if source is holder:
+            return True
+        return holder.external and (source is None or source.external)
 
     def _invalid_id(self, request: Request, request_id: str) -> None:
         log.info("runtime answered unknown or finished request id %r", request_id[:100])
