@@ -194,7 +194,8 @@ def run_wrk(url: str, connections: int, seconds: float, pids: dict) -> dict:
         script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                      f"wrk.body = '{PAYLOAD.decode()}'\n")
     try:
-        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s",
+        threads = min(2, connections)  # wrk refuses more threads than connections
+        out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s",
                               script.name, url], capture_output=True, text=True).stdout
     finally:
         os.unlink(script.name)
