@@ -81,6 +81,15 @@ def _coalesce_writes() -> bool:
 COALESCING = _coalesce_writes()
 
 
+def header_text(value: object) -> Optional[str]:
+    """An AMQP property or header value as text (publishers send str or bytes)."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
 def split_uri(uri: str) -> tuple:
     """(uri for aio-pika, connection_attempts, retry_delay) with pika's defaults (1 attempt, 2 s).
 

@@ -25,7 +25,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from . import errors
-from .amqp_link import NO_DRAIN, BrokerLink
+from .amqp_link import NO_DRAIN, BrokerLink, header_text
 from .config import Config
 from .invocation import Invocation, is_uuid, new_request_id
 from .invoke_api import INVOCATION_TYPES, LOG_TYPES, decode_client_context
@@ -213,7 +213,7 @@ class AmqpRpc:
             log.exception("error while handling AMQP message %s", delivery.tag)
             props = message.header.properties
             try:
-                await self._answer(delivery, _text(props.reply_to), props.correlation_id,
+                await self._answer(delivery, header_text(props.reply_to), props.correlation_id,
                                    errors.SERVICE.body("Internal error while handling the request."),
                                    {"x-amzn-ErrorType": errors.SERVICE.code})
             except Exception:
@@ -223,7 +223,7 @@ class AmqpRpc:
 
     async def _run(self, message, delivery: Delivery) -> None:
         props = message.header.properties
-        reply_to = _text(props.reply_to)
+        reply_to = header_text(props.reply_to)
         correlation_id = props.correlation_id
         if self.stopping or not self.pool.accepting:
             return await self._requeue(delivery)
@@ -332,7 +332,7 @@ class AmqpRpc:
             client_context = decode_client_context(encoded)
             if client_context is None:
                 raise Refusal(errors.INVALID_REQUEST_CONTENT, BAD_CONTEXT)
-        correlation_id = _text(props.correlation_id) or ""
+        correlation_id = header_text(props.correlation_id) or ""
         if is_uuid(correlation_id) and not self.pool.is_active(correlation_id.lower()):
             request_id = correlation_id.lower()
         else:
@@ -422,14 +422,6 @@ class AmqpRpc:
             await link.underlay.basic_nack(delivery.tag, requeue=True)
         except Exception as e:
             log.warning("requeue of message %d failed: %s", delivery.tag, link.describe(e))
-
-
-def _text(value: object) -> Optional[str]:
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    return str(value)
 
 
 def _headers(table: object) -> dict:

@@ -6,7 +6,7 @@ and the text is only built when /metrics is scraped.
 
 from __future__ import annotations
 
-from .pool import DURATION_BUCKETS, READY, STARTING, Pool
+from .pool import READY, STARTING, Pool
 
 
 def render(pool: Pool) -> bytes:
@@ -16,17 +16,8 @@ def render(pool: Pool) -> bytes:
         "# TYPE lambda_invocations_total counter",
     ]
     out += [f'lambda_invocations_total{{outcome="{k}"}} {v}' for k, v in m.outcomes.items()]
-    out += [
-        "# HELP lambda_invocation_duration_seconds Time from hand-over to the runtime to its answer.",
-        "# TYPE lambda_invocation_duration_seconds histogram",
-    ]
-    cumulative = 0
-    for bound, count in zip(DURATION_BUCKETS, m.bucket_counts):
-        cumulative += count
-        out.append(f'lambda_invocation_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-    out.append(f'lambda_invocation_duration_seconds_bucket{{le="+Inf"}} {m.duration_count}')
-    out.append(f"lambda_invocation_duration_seconds_sum {m.duration_sum:.6f}")
-    out.append(f"lambda_invocation_duration_seconds_count {m.duration_count}")
+    out += m.durations.lines("lambda_invocation_duration_seconds",
+                             "Time from hand-over to the runtime to its answer.")
     starting = sum(1 for i in pool.instances if i.state == STARTING)
     busy = sum(1 for i in pool.instances if i.state == READY and i.held)
     idle = sum(1 for i in pool.instances if i.state == READY and not i.held)

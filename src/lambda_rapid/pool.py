@@ -10,7 +10,6 @@ process layer calls :meth:`Pool.instance_exited`. Starting a process is delegate
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ from typing import Callable, Optional
 
 from . import errors
 from .config import Config
+from .histogram import Histogram
 from .invocation import (
     CRASH,
     FUNCTION_ERROR,
@@ -36,8 +36,6 @@ log = logging.getLogger("lambda_rapid.pool")
 
 STARTING, READY, FAILED, DEAD = "starting", "ready", "failed", "dead"
 RETURN_GRACE = 0.02  # seconds a queued invocation waits for a just-answered instance before spawning
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    300.0, 900.0)
 
 
 class Waiter:
@@ -95,14 +93,8 @@ class Metrics:
         self.spawns = 0
         self.kills: dict = {}
         self.init_failures = 0
-        self.bucket_counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.duration_count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.bucket_counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
-        self.duration_count += 1
+        self.durations = Histogram()
+        self.observe = self.durations.observe
 
 
 class Pool:

@@ -15,7 +15,6 @@ is back (``amqp_link.BrokerLink`` reconnects by itself). It runs no function and
 from __future__ import annotations
 
 import asyncio
-import bisect
 import datetime
 import json
 import logging
@@ -27,8 +26,9 @@ from aiormq.exceptions import PublishError
 from pamqp.commands import Basic
 
 from .. import errors
-from ..amqp_link import NO_DRAIN, BrokerLink
+from ..amqp_link import NO_DRAIN, BrokerLink, header_text
 from ..config import ACCOUNT_ID
+from ..histogram import Histogram
 from ..httpserver import Request, header
 from ..invocation import is_uuid, new_request_id
 from ..invoke_api import INVOCATION_TYPES, LOG_TYPES, PREFIX, SUFFIX, decode_client_context, parse_function_name
@@ -49,8 +49,6 @@ OUTCOMES = ("success", "function_error", "event_accepted", "dry_run", "not_found
 # A function that answered within this many seconds and is now unroutable has lost its queue for a
 # moment (a broker restart drops non-durable queues until the daemons re-declare them): 503, not 404.
 RECENTLY_SERVED = 60.0
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    300.0, 900.0)
 
 
 class Pending:
@@ -69,14 +67,8 @@ class Pending:
 class Metrics:
     def __init__(self) -> None:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self.bucket_counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.duration_count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.bucket_counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.duration_sum += seconds
-        self.duration_count += 1
+        self.replies = Histogram()
+        self.observe = self.replies.observe
 
 
 class Router:
@@ -119,8 +111,8 @@ class Router:
         self.served[p.name] = now
         headers = props.headers or {}
         request = p.request
-        rid = header("x-amzn-RequestId", _text(headers.get("x-amzn-RequestId")) or p.rid)
-        error_type = _text(headers.get("x-amzn-ErrorType"))
+        rid = header("x-amzn-RequestId", header_text(headers.get("x-amzn-RequestId")) or p.rid)
+        error_type = header_text(headers.get("x-amzn-ErrorType"))
         if error_type:
             api_error = API_ERRORS.get(error_type, errors.SERVICE)
             self.metrics.outcomes["api_error"] += 1
@@ -128,7 +120,8 @@ class Router:
             if api_error.retry_after:
                 extra += b"Retry-After: 1\r\n"
             return request.respond_json(api_error.status, message.body, extra)
-        out = _JSON + rid + header("X-Amz-Executed-Version", _text(headers.get("X-Amz-Executed-Version")) or "$LATEST")
+        version = header_text(headers.get("X-Amz-Executed-Version")) or "$LATEST"
+        out = _JSON + rid + header("X-Amz-Executed-Version", version)
         if headers.get("X-Amz-Function-Error") is not None:
             out += _FUNCTION_ERROR
             self.metrics.outcomes["function_error"] += 1
@@ -136,7 +129,7 @@ class Router:
             self.metrics.outcomes["success"] += 1
         tail = headers.get("X-Amz-Log-Result")
         if tail is not None:
-            out += header("X-Amz-Log-Result", _text(tail) or "")
+            out += header("X-Amz-Log-Result", header_text(tail) or "")
         request.respond(200, out, message.body)
 
     # ---- HttpServer application interface ----------------------------------------------------
@@ -366,15 +359,7 @@ class Router:
         out = ["# HELP lambda_server_requests_total Invoke requests by how they ended.",
                "# TYPE lambda_server_requests_total counter"]
         out += [f'lambda_server_requests_total{{outcome="{k}"}} {v}' for k, v in m.outcomes.items()]
-        out += ["# HELP lambda_server_reply_seconds Time from publish to the daemon's reply.",
-                "# TYPE lambda_server_reply_seconds histogram"]
-        cumulative = 0
-        for bound, count in zip(DURATION_BUCKETS, m.bucket_counts):
-            cumulative += count
-            out.append(f'lambda_server_reply_seconds_bucket{{le="{bound}"}} {cumulative}')
-        out.append(f'lambda_server_reply_seconds_bucket{{le="+Inf"}} {m.duration_count}')
-        out.append(f"lambda_server_reply_seconds_sum {m.duration_sum:.6f}")
-        out.append(f"lambda_server_reply_seconds_count {m.duration_count}")
+        out += m.replies.lines("lambda_server_reply_seconds", "Time from publish to the daemon's reply.")
         out += ["# HELP lambda_server_in_flight Invokes waiting for a reply.",
                 "# TYPE lambda_server_in_flight gauge",
                 f"lambda_server_in_flight {len(self.pending)}",
@@ -382,14 +367,6 @@ class Router:
                 "# TYPE lambda_server_broker_connected gauge",
                 f"lambda_server_broker_connected {1 if self.link.is_up else 0}"]
         return ("\n".join(out) + "\n").encode()
-
-
-def _text(value: object) -> Optional[str]:
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    return str(value)
 
 
 def _get(request: Request, answer) -> None:
