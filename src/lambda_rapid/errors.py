@@ -15,6 +15,7 @@ from typing import Optional
 SYNC_REQUEST_LIMIT = 6_291_456
 EVENT_REQUEST_LIMIT = 1_048_576
 RESPONSE_LIMIT = 6_291_556
+STREAM_RESPONSE_LIMIT = 20_971_520  # AWS: streamed responses may be up to 20 MB
 _COMPACT = (",", ":")  # AWS writes its error bodies without spaces
 
 

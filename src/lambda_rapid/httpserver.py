@@ -63,10 +63,16 @@ class _StopParsing(Exception):
 
 
 class Request:
-    """One parsed request. ``respond`` may be called once, now or later, from any callback."""
+    """One parsed request. ``respond`` may be called once, now or later, from any callback; or the
+    answer is streamed: ``start``, any number of ``write``, then ``end`` (chunked transfer coding).
+
+    The body is handed over whole, unless the application sets ``on_chunk`` before it arrives
+    (from ``body_limit``, called when the head is complete): then each piece goes to ``on_chunk``
+    as it arrives and ``body`` stays empty. Trailer fields are added to ``headers``.
+    """
 
     __slots__ = ("conn", "method", "path", "query", "headers", "body", "keep_alive", "too_large",
-                 "limit", "_parts", "_size", "on_abandon", "answered")
+                 "limit", "_parts", "_size", "on_abandon", "answered", "on_chunk")
 
     def __init__(self, conn: HttpConnection) -> None:
         self.conn = conn
@@ -82,6 +88,7 @@ class Request:
         self._size = 0
         self.on_abandon: Optional[Callable[[], None]] = None
         self.answered = False
+        self.on_chunk: Optional[Callable[[bytes], None]] = None
 
     def respond(self, status: int, headers: bytes = b"", body: bytes = b"", close: bool = False) -> None:
         if self.answered:
@@ -92,6 +99,24 @@ class Request:
 
     def respond_json(self, status: int, body: bytes, headers: bytes = b"") -> None:
         self.respond(status, _JSON + headers, body)
+
+    def start(self, status: int, headers: bytes = b"") -> None:
+        """Send the head of a streamed answer; the body follows with ``write`` and ``end``.
+        ``on_abandon`` still fires if the client goes away before ``end``."""
+        self.conn.start_stream(self, status, headers)
+
+    def write(self, data: bytes) -> None:
+        """One piece of a streamed answer, sent at once (as one chunk)."""
+        if data and not self.answered:
+            self.conn.write_chunk(data)
+
+    def end(self) -> None:
+        """Finish a streamed answer."""
+        if self.answered:
+            return
+        self.answered = True
+        self.on_abandon = None
+        self.conn.end_stream(self)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -218,6 +243,10 @@ class HttpConnection(asyncio.Protocol):
             request.too_large = True  # type: ignore[union-attr]
             request._parts = []  # type: ignore[union-attr]
             return
+        if request.on_chunk is not None:  # type: ignore[union-attr]
+            self.started = self.server.now or 1.0  # a streamed body times out between pieces, not overall
+            request.on_chunk(body)  # type: ignore[union-attr]
+            return
         request._parts.append(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
@@ -259,6 +288,33 @@ class HttpConnection(asyncio.Protocol):
         else:
             transport.write(head)
             transport.write(body)
+        self._answered(request, close)
+
+    def start_stream(self, request: Request, status: int, headers: bytes) -> None:
+        if self.closed:
+            return
+        self.transport.write(b"".join((  # type: ignore[union-attr]
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            headers,
+            self.server.date_header,
+            b"connection: close\r\n" if not request.keep_alive else b"",
+            b"transfer-encoding: chunked\r\n\r\n",
+        )))
+
+    def write_chunk(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # type: ignore[union-attr]
+
+    def end_stream(self, request: Request) -> None:
+        if self.closed:
+            return
+        self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        self._answered(request, not request.keep_alive)
+
+    def _answered(self, request: Request, close: bool) -> None:
+        """The answer to ``request`` is written: close, or go on with the next pipelined request."""
+        transport = self.transport
+        assert transport is not None
         if request is self.active:
             self.active = None
         if close:

@@ -63,7 +63,7 @@ class Invocation:
 
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
-                 "queued_at", "started_at", "log", "trigger_of", "arrived")
+                 "queued_at", "started_at", "log", "trigger_of", "arrived", "on_chunk")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
@@ -86,6 +86,8 @@ class Invocation:
         self.log: Optional[bytearray] = None  # this invocation's log lines (kept when someone reads them)
         self.trigger_of = None  # the instance whose spawn this invocation caused, while it waits for it
         self.arrived = time.monotonic()
+        # Set by a front door that streams the response: gets the bytes a runtime streams, as they come.
+        self.on_chunk: Optional[Callable[[bytes], None]] = None
 
     @property
     def is_event(self) -> bool:
@@ -98,6 +100,12 @@ class Invocation:
         buf += data
         if len(buf) > 2 * TAIL_BYTES:
             del buf[:-TAIL_BYTES]
+
+    def stream(self, data: bytes) -> None:
+        """A piece of a streamed response; dropped once the invocation has ended (timed out, crashed)."""
+        callback = self.on_chunk
+        if callback is not None and not self.done:
+            callback(data)
 
     def finish(self, result: Result) -> None:
         """Deliver the result once; later calls (a late response after a timeout) are ignored."""

@@ -2,8 +2,9 @@
 
 Thin: validate the request as AWS does (function name, qualifier, invocation type, payload, client
 context), turn it into an Invocation for the pool, and render the Result with AWS's status codes,
-headers and error shapes. Also serves ``/_/health``, ``/_/ready``, ``/metrics`` and (OpenFaaS)
-``POST /``.
+headers and error shapes; a response-streaming invoke gets the same checks and its answer as an
+event stream (``eventstream.py``), piece by piece as the runtime streams it. Also serves
+``/_/health``, ``/_/ready``, ``/metrics`` and (OpenFaaS) ``POST /``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import logging
 import urllib.parse
 from typing import Callable, Optional
 
-from . import errors
+from . import errors, eventstream
 from .config import ACCOUNT_ID, Config
 from .httpserver import Request, header
-from .invocation import Invocation, Result, is_uuid, new_request_id
+from .invocation import SUCCESS, Invocation, Result, is_uuid, new_request_id
 from .pool import Pool
 
 log = logging.getLogger("lambda_rapid.invoke_api")
 
 PREFIX = "/2015-03-31/functions/"
 SUFFIX = "/invocations"
+STREAM_PREFIX = "/2021-11-15/functions/"
+STREAM_SUFFIX = "/response-streaming-invocations"
 INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
+STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
 LOG_TYPES = ("None", "Tail")
 _JSON = b"content-type: application/json\r\n"
 _FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
@@ -58,6 +62,8 @@ class InvokeApi:
         self.metrics = metrics
         self.ready: Callable[[], bool] = lambda: pool.accepting
         self._ok_headers = _JSON + header("X-Amz-Executed-Version", config.function_version)
+        self._stream_headers = (b"content-type: application/vnd.amazon.eventstream\r\n"
+                                + header("X-Amz-Executed-Version", config.function_version))
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
@@ -73,6 +79,12 @@ class InvokeApi:
                 if request.method != "POST":
                     return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
                 return self.invoke(request, name)
+        elif path.startswith(STREAM_PREFIX) and path.endswith(STREAM_SUFFIX):
+            name = path[len(STREAM_PREFIX):-len(STREAM_SUFFIX)]
+            if "/" not in name and name:
+                if request.method != "POST":
+                    return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
+                return self.invoke(request, name, streaming=True)
         elif path == "/_/health":
             return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n" + _rid(), b"OK"))
         elif path == "/_/ready":
@@ -103,7 +115,7 @@ class InvokeApi:
         request.respond_json(status, json.dumps({"message": message}).encode(), _rid() + extra)
 
     # ---- invoke ------------------------------------------------------------------------------
-    def invoke(self, request: Request, raw_name: str) -> None:
+    def invoke(self, request: Request, raw_name: str, streaming: bool = False) -> None:
         headers = request.headers
         sdk_id = headers.get("amz-sdk-invocation-id")
         if sdk_id is not None and is_uuid(sdk_id) and not self.pool.is_active(sdk_id.lower()):
@@ -113,10 +125,11 @@ class InvokeApi:
         rid = header("x-amzn-RequestId", request_id)
 
         invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
-        if invocation_type not in INVOCATION_TYPES:
+        allowed = STREAM_INVOCATION_TYPES if streaming else INVOCATION_TYPES
+        if invocation_type not in allowed:
             return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
                                f"Unsupported invocation type {invocation_type!r}; "
-                               f"use one of {', '.join(INVOCATION_TYPES)}.")
+                               f"use one of {', '.join(allowed)}.")
         if request.too_large:
             return self._error(request, rid, errors.REQUEST_TOO_LARGE,
                                errors.request_too_large_message(request.limit))
@@ -170,6 +183,8 @@ class InvokeApi:
                          tail=log_type == "Tail", qualifier=qualifier)
         if invocation_type == "Event":
             return self._invoke_event(request, rid, inv)
+        if streaming:
+            return self._invoke_streaming(request, rid, inv)
         inv.on_done = lambda _inv, result: self._reply(request, rid, result)
         request.on_abandon = lambda: self.pool.abandon(inv)
         self.pool.submit(inv)
@@ -183,6 +198,34 @@ class InvokeApi:
         if not inv.done:
             inv.on_done = _event_done
         request.respond(202, rid)
+
+    def _invoke_streaming(self, request: Request, rid: bytes, inv: Invocation) -> None:
+        stream = _StreamReply(request, self._stream_headers + rid)
+        inv.on_chunk = stream.chunk
+        inv.on_done = lambda _inv, result: self._stream_done(request, rid, stream, result)
+
+        def abandon() -> None:
+            inv.on_chunk = None
+            self.pool.abandon(inv)
+
+        request.on_abandon = abandon
+        self.pool.submit(inv)
+
+    def _stream_done(self, request: Request, rid: bytes, stream: _StreamReply, result: Result) -> None:
+        if result.api_error is not None and not stream.started:
+            return self._reply(request, rid, result)  # refused (429, 503): an ordinary error response
+        log_result = None if result.log_tail is None else base64.b64encode(result.log_tail).decode()
+        if result.outcome == SUCCESS:
+            if result.body:  # answered with an ordinary (not streamed) /response: one chunk
+                stream.chunk(result.body)
+            complete = eventstream.invoke_complete(log_result=log_result)
+        else:
+            code, details = _error_fields(result.body)
+            complete = eventstream.invoke_complete(code, details, log_result)
+        if not stream.started:
+            stream.start()
+        request.write(complete)
+        request.end()
 
     def _reply(self, request: Request, rid: bytes, result: Result) -> None:
         api_error = result.api_error
@@ -221,6 +264,42 @@ def decode_client_context(encoded: str) -> Optional[str]:
         return None
     # latin-1 keeps the UTF-8 bytes as they are when the header is written out
     return raw.decode("latin-1").replace("\r", "").replace("\n", "")
+
+
+class _StreamReply:
+    """A response-streaming invoke's answer: 200 and the event stream's head go out with the first
+    piece of the function's response (or with the end, if nothing was streamed)."""
+
+    __slots__ = ("request", "headers", "started")
+
+    def __init__(self, request: Request, headers: bytes) -> None:
+        self.request = request
+        self.headers = headers
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.request.start(200, self.headers)
+
+    def chunk(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self.started:
+            self.start()
+        self.request.write(eventstream.payload_chunk(data))
+
+
+def _error_fields(body: bytes) -> tuple:
+    """(ErrorCode, ErrorDetails) of InvokeComplete from a function error body: its errorType and
+    errorMessage when it is the usual JSON object, else ``Unhandled`` and the body as text."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("errorType"), str):
+        message = doc.get("errorMessage")
+        return doc["errorType"], message if isinstance(message, str) else json.dumps(message)
+    return "Unhandled", body.decode("utf-8", "replace")
 
 
 def _event_done(inv: Invocation, result: Result) -> None:

@@ -8,6 +8,8 @@ Other APIs on the same port (Extensions, Telemetry) register themselves in ``rou
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Callable, Dict, Optional
 
@@ -68,7 +70,23 @@ class RuntimeApi:
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
+        if "lambda-runtime-function-response-mode" in request.headers:
+            return self._stream_limit(request)
         return errors.RESPONSE_LIMIT
+
+    def _stream_limit(self, request: Request) -> int:
+        """A streamed /response for an invocation whose caller streams too: its body goes to the
+        caller piece by piece as it arrives (other callers get it whole, as from any /response)."""
+        if request.headers["lambda-runtime-function-response-mode"].lower() != "streaming":
+            return errors.RESPONSE_LIMIT
+        path = request.path
+        if not (path.startswith(INVOCATION) and path.endswith("/response")) or request.method != "POST":
+            return errors.RESPONSE_LIMIT
+        inv = self.pool.in_flight.get(path[len(INVOCATION):-len("/response")])
+        if inv is None or inv.on_chunk is None or not self._answers_for(request, inv.instance):
+            return errors.RESPONSE_LIMIT
+        request.on_chunk = inv.stream
+        return errors.STREAM_RESPONSE_LIMIT
 
     def instance_of(self, request: Request) -> Instance:
         conn = request.conn
@@ -126,7 +144,12 @@ class RuntimeApi:
         # not the caller's, is what bounds the rate.
         request.respond_json(202, ACCEPTED)
         if action == "response":
-            pool.respond(request_id, request.body)
+            if "lambda-runtime-function-error-type" in request.headers:
+                # A streaming runtime that fails mid-stream says so in trailers; the body is base64.
+                pool.error(request_id, _trailer_error(request.headers),
+                           request.headers["lambda-runtime-function-error-type"])
+            else:
+                pool.respond(request_id, request.body)
         else:
             pool.error(request_id, request.body, request.headers.get("lambda-runtime-function-error-type"))
 
@@ -148,3 +171,14 @@ class RuntimeApi:
     def _method_not_allowed(request: Request, allowed: str) -> None:
         request.respond_json(405, errors.runtime_api_error("MethodNotAllowed", f"Use {allowed}"),
                              header("Allow", allowed))
+
+
+def _trailer_error(headers: dict) -> bytes:
+    """The error body a streaming runtime reported in its trailers (base64-encoded, as the Node.js
+    runtime client sends it)."""
+    encoded = headers.get("lambda-runtime-function-error-body", "")
+    try:
+        body = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        body = encoded.encode("latin-1")
+    return body
