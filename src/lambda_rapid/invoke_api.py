@@ -33,7 +33,7 @@ STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStr
 LOG_TYPES = ("None", "Tail")
 _JSON = b"content-type: application/json\r\n"
 _FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
-_BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
+BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 
 
 def parse_function_name(raw: str) -> tuple:
@@ -51,6 +51,92 @@ def parse_function_name(raw: str) -> tuple:
     if n == 1:
         return parts[0], None
     return None, None
+
+
+class InvalidInvoke(Exception):
+    """An Invoke API call AWS would refuse: which error, and its message."""
+
+    def __init__(self, api_error: errors.ApiError, message: str) -> None:
+        super().__init__(message)
+        self.api_error = api_error
+        self.message = message
+
+
+class UnknownFunction(Exception):
+    """The call names a function (or qualifier) that is not served here: a 404."""
+
+    def __init__(self, name: str, qualifier: Optional[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.qualifier = qualifier
+
+
+class InvokeCall:
+    """A valid Invoke API call, before it becomes an Invocation (daemon) or a message (lambda-server)."""
+
+    __slots__ = ("name", "qualifier", "invocation_type", "tail", "encoded_context", "client_context",
+                 "payload", "trace_id")
+
+
+def request_id_for(headers: dict, in_use: Callable[[str], bool]) -> str:
+    """The SDK's Amz-Sdk-Invocation-Id when it is a UUID not already in flight, else a new id."""
+    sdk_id = headers.get("amz-sdk-invocation-id")
+    if sdk_id is not None and is_uuid(sdk_id) and not in_use(sdk_id.lower()):
+        return sdk_id.lower()
+    return new_request_id()
+
+
+def parse_invoke(request: Request, raw_name: str, serves: Callable[[str, Optional[str]], bool],
+                 allowed_types: tuple = INVOCATION_TYPES) -> InvokeCall:
+    """Validate an Invoke API call in the order AWS does; raises InvalidInvoke or UnknownFunction.
+    ``serves(name, qualifier)`` says whether this front door knows the function."""
+    headers = request.headers
+    call = InvokeCall()
+    call.invocation_type = invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
+    if invocation_type not in allowed_types:
+        raise InvalidInvoke(errors.INVALID_PARAMETER_VALUE, f"Unsupported invocation type {invocation_type!r}; "
+                                                            f"use one of {', '.join(allowed_types)}.")
+    if request.too_large:
+        raise InvalidInvoke(errors.REQUEST_TOO_LARGE, errors.request_too_large_message(request.limit))
+
+    name, qualifier = parse_function_name(urllib.parse.unquote(raw_name))
+    query_qualifier = None
+    if request.query:
+        values = urllib.parse.parse_qs(request.query).get("Qualifier")
+        if values:
+            query_qualifier = values[0]
+    if qualifier is not None and query_qualifier is not None and qualifier != query_qualifier:
+        raise InvalidInvoke(errors.INVALID_PARAMETER_VALUE,
+                            "The derived qualifier from the function name does not match the specified qualifier.")
+    qualifier = qualifier if qualifier is not None else query_qualifier
+    if not name or not serves(name, qualifier):
+        raise UnknownFunction(name or raw_name, qualifier)
+    call.name, call.qualifier = name, qualifier
+
+    log_type = headers.get("x-amz-log-type", "None")
+    if log_type not in LOG_TYPES:
+        raise InvalidInvoke(errors.INVALID_PARAMETER_VALUE, f"Unsupported log type {log_type!r}; use None or Tail.")
+    call.tail = log_type == "Tail"
+
+    call.encoded_context = encoded = headers.get("x-amz-client-context") or None
+    call.client_context = None
+    if encoded:
+        call.client_context = decode_client_context(encoded)
+        if call.client_context is None:
+            raise InvalidInvoke(errors.INVALID_REQUEST_CONTENT, BAD_CONTEXT)
+
+    payload = request.body
+    if not payload.strip():
+        payload = b"{}"  # AWS hands an empty payload to the function as {}
+    else:
+        try:
+            json.loads(payload)
+        except ValueError as e:
+            raise InvalidInvoke(errors.INVALID_REQUEST_CONTENT, "Could not parse request body into json: Could "
+                                                                f"not parse payload into json: {e}") from None
+    call.payload = payload
+    call.trace_id = headers.get("x-amzn-trace-id")
+    return call
 
 
 class InvokeApi:
@@ -116,71 +202,25 @@ class InvokeApi:
 
     # ---- invoke ------------------------------------------------------------------------------
     def invoke(self, request: Request, raw_name: str, streaming: bool = False) -> None:
-        headers = request.headers
-        sdk_id = headers.get("amz-sdk-invocation-id")
-        if sdk_id is not None and is_uuid(sdk_id) and not self.pool.is_active(sdk_id.lower()):
-            request_id = sdk_id.lower()
-        else:
-            request_id = new_request_id()
+        request_id = request_id_for(request.headers, self.pool.is_active)
         rid = header("x-amzn-RequestId", request_id)
-
-        invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
-        allowed = STREAM_INVOCATION_TYPES if streaming else INVOCATION_TYPES
-        if invocation_type not in allowed:
-            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                               f"Unsupported invocation type {invocation_type!r}; "
-                               f"use one of {', '.join(allowed)}.")
-        if request.too_large:
-            return self._error(request, rid, errors.REQUEST_TOO_LARGE,
-                               errors.request_too_large_message(request.limit))
-
-        name, qualifier = parse_function_name(urllib.parse.unquote(raw_name))
-        query_qualifier = None
-        if request.query:
-            values = urllib.parse.parse_qs(request.query).get("Qualifier")
-            if values:
-                query_qualifier = values[0]
-        if qualifier is not None and query_qualifier is not None and qualifier != query_qualifier:
-            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                               "The derived qualifier from the function name does not match the specified "
-                               "qualifier.")
-        qualifier = qualifier if qualifier is not None else query_qualifier
-        if name not in self.names or (qualifier is not None and qualifier not in self.versions):
-            shown = name if name else raw_name
-            arn = f"arn:aws:lambda:{self.config.region}:{ACCOUNT_ID}:function:{shown}"
-            if qualifier is not None:
-                arn += f":{qualifier}"
+        try:
+            call = parse_invoke(request, raw_name, self._serves,
+                                STREAM_INVOCATION_TYPES if streaming else INVOCATION_TYPES)
+        except InvalidInvoke as e:
+            return self._error(request, rid, e.api_error, e.message)
+        except UnknownFunction as e:
+            arn = f"arn:aws:lambda:{self.config.region}:{ACCOUNT_ID}:function:{e.name}"
+            if e.qualifier is not None:
+                arn += f":{e.qualifier}"
             return self._error(request, rid, errors.RESOURCE_NOT_FOUND, errors.not_found_message(arn))
-
-        log_type = headers.get("x-amz-log-type", "None")
-        if log_type not in LOG_TYPES:
-            return self._error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                               f"Unsupported log type {log_type!r}; use None or Tail.")
-
-        client_context = None
-        encoded = headers.get("x-amz-client-context")
-        if encoded:
-            client_context = decode_client_context(encoded)
-            if client_context is None:
-                return self._error(request, rid, errors.INVALID_REQUEST_CONTENT, _BAD_CONTEXT)
-
-        payload = request.body
-        if not payload.strip():
-            payload = b"{}"  # AWS hands an empty payload to the function as {}
-        else:
-            try:
-                json.loads(payload)
-            except ValueError as e:
-                return self._error(request, rid, errors.INVALID_REQUEST_CONTENT,
-                                   f"Could not parse request body into json: Could not parse payload into "
-                                   f"json: {e}")
-
+        invocation_type = call.invocation_type
         if invocation_type == "DryRun":
             return request.respond(204, rid)
 
-        inv = Invocation(request_id, payload, arn=self.config.function_arn, client_context=client_context,
-                         trace_id=headers.get("x-amzn-trace-id"), invocation_type=invocation_type,
-                         tail=log_type == "Tail", qualifier=qualifier)
+        inv = Invocation(request_id, call.payload, arn=self.config.function_arn, client_context=call.client_context,
+                         trace_id=call.trace_id, invocation_type=invocation_type, tail=call.tail,
+                         qualifier=call.qualifier)
         if invocation_type == "Event":
             return self._invoke_event(request, rid, inv)
         if streaming:
@@ -188,6 +228,9 @@ class InvokeApi:
         inv.on_done = lambda _inv, result: self._reply(request, rid, result)
         request.on_abandon = lambda: self.pool.abandon(inv)
         self.pool.submit(inv)
+
+    def _serves(self, name: str, qualifier: Optional[str]) -> bool:
+        return name in self.names and (qualifier is None or qualifier in self.versions)
 
     def _invoke_event(self, request: Request, rid: bytes, inv: Invocation) -> None:
         refused: list = []

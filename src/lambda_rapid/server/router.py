@@ -19,7 +19,6 @@ import datetime
 import json
 import logging
 import time
-import urllib.parse
 from typing import Optional
 
 from aiormq.exceptions import PublishError
@@ -30,14 +29,20 @@ from ..amqp_link import NO_DRAIN, BrokerLink, header_text
 from ..config import ACCOUNT_ID
 from ..histogram import Histogram
 from ..httpserver import Request, header
-from ..invocation import is_uuid, new_request_id
-from ..invoke_api import INVOCATION_TYPES, LOG_TYPES, PREFIX, SUFFIX, decode_client_context, parse_function_name
+from ..invocation import new_request_id
+from ..invoke_api import (
+    PREFIX,
+    SUFFIX,
+    InvalidInvoke,
+    UnknownFunction,
+    parse_invoke,
+    request_id_for,
+)
 from .config import ServerConfig
 
 log = logging.getLogger("lambda_rapid.server")
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 API_ERRORS = {e.code: e for e in (errors.INVALID_REQUEST_CONTENT, errors.INVALID_PARAMETER_VALUE,
                                   errors.RESOURCE_NOT_FOUND, errors.REQUEST_TOO_LARGE, errors.TOO_MANY_REQUESTS,
                                   errors.SERVICE)}
@@ -166,50 +171,14 @@ class Router:
 
     # ---- invoke ------------------------------------------------------------------------------
     def invoke(self, request: Request, raw_name: str) -> None:
-        headers = request.headers
-        sdk_id = headers.get("amz-sdk-invocation-id")
-        if sdk_id is not None and is_uuid(sdk_id) and sdk_id.lower() not in self.pending:
-            rid = sdk_id.lower()
-        else:
-            rid = new_request_id()
-        invocation_type = headers.get("x-amz-invocation-type", "RequestResponse")
-        if invocation_type not in INVOCATION_TYPES:
-            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                                   f"Unsupported invocation type {invocation_type!r}; "
-                                   f"use one of {', '.join(INVOCATION_TYPES)}.")
-        if request.too_large:
-            return self._api_error(request, rid, errors.REQUEST_TOO_LARGE,
-                                   errors.request_too_large_message(request.limit))
-        name, qualifier = parse_function_name(urllib.parse.unquote(raw_name))
-        query_qualifier = None
-        if request.query:
-            values = urllib.parse.parse_qs(request.query).get("Qualifier")
-            if values:
-                query_qualifier = values[0]
-        if qualifier is not None and query_qualifier is not None and qualifier != query_qualifier:
-            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                                   "The derived qualifier from the function name does not match the specified "
-                                   "qualifier.")
-        qualifier = qualifier if qualifier is not None else query_qualifier
-        if not name or len(name.encode()) > 255:
-            return self._not_found(request, rid, name or raw_name, qualifier)
-        log_type = headers.get("x-amz-log-type", "None")
-        if log_type not in LOG_TYPES:
-            return self._api_error(request, rid, errors.INVALID_PARAMETER_VALUE,
-                                   f"Unsupported log type {log_type!r}; use None or Tail.")
-        encoded_context = headers.get("x-amz-client-context")
-        if encoded_context and decode_client_context(encoded_context) is None:
-            return self._api_error(request, rid, errors.INVALID_REQUEST_CONTENT, BAD_CONTEXT)
-        payload = request.body
-        if not payload.strip():
-            payload = b"{}"  # AWS hands an empty payload to the function as {}
-        else:
-            try:
-                json.loads(payload)
-            except ValueError as e:
-                return self._api_error(request, rid, errors.INVALID_REQUEST_CONTENT,
-                                       f"Could not parse request body into json: Could not parse payload into "
-                                       f"json: {e}")
+        rid = request_id_for(request.headers, self.pending.__contains__)
+        try:
+            call = parse_invoke(request, raw_name, _routable)
+        except InvalidInvoke as e:
+            return self._api_error(request, rid, e.api_error, e.message)
+        except UnknownFunction as e:
+            return self._not_found(request, rid, e.name, e.qualifier)
+        name, qualifier, payload, invocation_type = call.name, call.qualifier, call.payload, call.invocation_type
         if not self.accepting or not self.link.is_up:
             return self._api_error(request, rid, errors.SERVICE,
                                    "The message broker is not reachable; try again later.", "unavailable")
@@ -217,12 +186,11 @@ class Router:
             return self._spawn(self._dry_run(request, rid, name, qualifier))
 
         amqp_headers = {}
-        if encoded_context:
-            amqp_headers["X-Amz-Client-Context"] = encoded_context
-        trace = headers.get("x-amzn-trace-id")
-        if trace:
-            amqp_headers["X-Amzn-Trace-Id"] = trace
-        if log_type == "Tail":
+        if call.encoded_context:
+            amqp_headers["X-Amz-Client-Context"] = call.encoded_context
+        if call.trace_id:
+            amqp_headers["X-Amzn-Trace-Id"] = call.trace_id
+        if call.tail:
             amqp_headers["X-Amz-Log-Type"] = "Tail"
         if qualifier is not None:
             amqp_headers["X-Amz-Qualifier"] = qualifier
@@ -378,3 +346,8 @@ def _get(request: Request, answer) -> None:
 def _plain(request: Request, status: int, message: str, extra: bytes = b"") -> None:
     request.respond_json(status, json.dumps({"message": message}).encode(),
                          header("x-amzn-RequestId", new_request_id()) + extra)
+
+
+def _routable(name: str, qualifier: Optional[str]) -> bool:
+    """Any name can be routed (the broker says whether a daemon serves it); AWS caps names at 255 bytes."""
+    return len(name.encode()) <= 255
