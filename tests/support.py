@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from typing import Optional
 
@@ -62,3 +63,18 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"metric {name} not found in:\n{text}")
+
+
+def in_thread(target, *args, **kwargs):
+    """Run ``target`` in a daemon thread: (thread, box) where box gets "result" or "error"."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = target(*args, **kwargs)
+        except Exception as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box

@@ -17,23 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FUNCTIONS_DIR, PYTHON, RIC, wait_until
-from support import lambda_client, metric, read_payload
+from support import in_thread, lambda_client, metric, read_payload
 
 E2E = RIC + ["e2e_handlers.handler"]
-
-
-def in_thread(target, *args, **kwargs):
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = target(*args, **kwargs)
-        except Exception as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def alive(pid: int) -> bool:

@@ -14,14 +14,13 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 
 from conftest import FUNCTIONS_DIR, RIC
-from support import ARN_PREFIX, UUID_RE, lambda_client, metric, read_payload
+from support import ARN_PREFIX, UUID_RE, in_thread, lambda_client, metric, read_payload
 
 E2E = RIC + ["e2e_handlers.handler"]
 TRACE_RE = re.compile(r"^Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0$")
@@ -52,20 +51,6 @@ class HandRuntime:
     def error(self, request_id: str, body: bytes, error_type: str = None):
         headers = {"Lambda-Runtime-Function-Error-Type": error_type} if error_type else {}
         return self.call("POST", f"/invocation/{request_id}/error", body, headers)
-
-
-def in_thread(target, *args, **kwargs):
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = target(*args, **kwargs)
-        except Exception as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 @pytest.fixture

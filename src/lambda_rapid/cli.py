@@ -51,13 +51,20 @@ def copy_self_to_tmp() -> int:
     return 0
 
 
+def info_requested(args: Sequence[str], prog: str, usage: str) -> bool:
+    """Print the usage (-h, --help) or the version (--version) if that is what ``args`` ask for."""
+    if args[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return True
+    if args[:1] == ["--version"]:
+        print(f"{prog} {__version__}")
+        return True
+    return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if args[:1] == ["--version"]:
-        print(f"{PROG} {__version__}")
+    if info_requested(args, PROG, USAGE):
         return 0
     try:
         config = config_module.load(args, os.environ)

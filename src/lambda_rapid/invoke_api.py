@@ -78,6 +78,13 @@ class InvokeCall:
                  "payload", "trace_id")
 
 
+def invoke_body_limit(request: Request) -> int:
+    """AWS's request size limits: 1 MB for an Event, 6 MB otherwise."""
+    if request.headers.get("x-amz-invocation-type") == "Event":
+        return errors.EVENT_REQUEST_LIMIT
+    return errors.SYNC_REQUEST_LIMIT
+
+
 def request_id_for(headers: dict, in_use: Callable[[str], bool]) -> str:
     """The SDK's Amz-Sdk-Invocation-Id when it is a UUID not already in flight, else a new id."""
     sdk_id = headers.get("amz-sdk-invocation-id")
@@ -153,9 +160,7 @@ class InvokeApi:
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
-        if request.headers.get("x-amz-invocation-type") == "Event":
-            return errors.EVENT_REQUEST_LIMIT
-        return errors.SYNC_REQUEST_LIMIT
+        return invoke_body_limit(request)
 
     def handle(self, request: Request) -> None:
         path = request.path

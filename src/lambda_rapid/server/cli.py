@@ -14,8 +14,8 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from .. import __version__, logs
-from ..cli import new_event_loop
+from .. import logs
+from ..cli import info_requested, new_event_loop
 from ..config import redact_uri
 from ..httpserver import HttpServer
 from . import config as config_module
@@ -62,11 +62,7 @@ async def serve(config: config_module.ServerConfig) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if args[:1] == ["--version"]:
-        print(f"{PROG} {__version__}")
+    if info_requested(args, PROG, USAGE):
         return 0
     if args:
         print(f"{PROG}: error: unexpected arguments {' '.join(args)!r} (settings are environment variables)",

@@ -35,6 +35,7 @@ from ..invoke_api import (
     SUFFIX,
     InvalidInvoke,
     UnknownFunction,
+    invoke_body_limit,
     parse_invoke,
     request_id_for,
 )
@@ -139,9 +140,7 @@ class Router:
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
-        if request.headers.get("x-amz-invocation-type") == "Event":
-            return errors.EVENT_REQUEST_LIMIT
-        return errors.SYNC_REQUEST_LIMIT
+        return invoke_body_limit(request)
 
     def handle(self, request: Request) -> None:
         path = request.path
