@@ -41,7 +41,6 @@ REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "mes
 TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
 SERVICE = ApiError(503, "ServiceException", "Service", "Message")
 BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
-UNSUPPORTED_MEDIA_TYPE = ApiError(415, "UnsupportedMediaTypeException", "User", "message")
 
 
 def throttled_body() -> bytes:

@@ -692,7 +692,3 @@ class ExtensionsApi:
             log.info("%s subscription of extension %s refused: %s", api, ext.name, e.message)
             return request.respond_json(e.status, api_error(e.error_type, e.message))
         request.respond_json(200, b'"OK"')
-
-    # ---- introspection -------------------------------------------------------------------------
-    def dropped_events(self) -> int:
-        return sum(s.telemetry.dropped() for s in self.sandboxes.values()) + self.main.telemetry.dropped()

@@ -63,7 +63,7 @@ class Invocation:
 
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
-                 "queued_at", "started_at", "log", "trigger_of", "arrived", "on_chunk")
+                 "queued_at", "started_at", "log", "on_chunk")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
@@ -84,8 +84,6 @@ class Invocation:
         self.queued_at = 0.0
         self.started_at = 0.0
         self.log: Optional[bytearray] = None  # this invocation's log lines (kept when someone reads them)
-        self.trigger_of = None  # the instance whose spawn this invocation caused, while it waits for it
-        self.arrived = time.monotonic()
         # Set by a front door that streams the response: gets the bytes a runtime streams, as they come.
         self.on_chunk: Optional[Callable[[bytes], None]] = None
 

@@ -39,17 +39,17 @@ RETURN_GRACE = 0.02  # seconds a queued invocation waits for a just-answered ins
 
 
 class Waiter:
-    """A runtime (or one of its workers) parked in GET /next; ``send`` answers it with an event."""
+    """A runtime (or one of its workers) parked in GET /next; the Runtime API's subclass implements
+    ``send``, which answers it with an invocation's event."""
 
-    __slots__ = ("instance", "alive", "_send")
+    __slots__ = ("instance", "alive")
 
-    def __init__(self, instance: Instance, send: Optional[Callable[[Invocation], None]] = None) -> None:
+    def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self.alive = True
-        self._send = send
 
     def send(self, inv: Invocation) -> None:
-        self._send(inv)  # type: ignore[misc]
+        raise NotImplementedError
 
 
 class Instance:
@@ -119,7 +119,6 @@ class Pool:
         self.metrics = Metrics()
         self.reports = config.print_reports
         self.dispatch_hook: Optional[Callable[[Invocation, Waiter, Callable[[], None]], None]] = None
-        self.on_idle_change: Optional[Callable[[], None]] = None
         # Says why an init timed out when something else than the runtime is to blame (extensions).
         self.explain_init_timeout: Optional[Callable[[Instance, str], Optional[bytes]]] = None
         self._drained: Optional[asyncio.Future] = None

@@ -235,9 +235,6 @@ class ProcessManager:
         if os.getpid() == 1:
             self._reap_orphans()
 
-    def live_groups(self) -> list:
-        return list(self.children)
-
 
 def peak_rss_of_group(pid: int) -> int:
     """Peak resident memory (bytes) of ``pid`` and its descendants (VmHWM summed), 0 if gone."""

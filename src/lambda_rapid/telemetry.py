@@ -401,9 +401,6 @@ class Telemetry:
         for sub in self.subscriptions.values():
             sub.flush()
 
-    def dropped(self) -> int:
-        return sum(s.total_dropped for s in self.subscriptions.values())
-
     def close(self) -> None:
         for sub in self.subscriptions.values():
             if sub.total_dropped:
