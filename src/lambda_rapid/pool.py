@@ -114,7 +114,7 @@ class Pool:
         self.starting = 0
         self.returning = 0  # sum of Instance.returning: capacity that is about to be idle again
         self.busy = 0
-        self.level_seen = [0.0] * (config.max_concurrency * config.runtime_max_concurrency + 64)
+        self.level_seen = [0.0] * (config.max_concurrency * config.runtime_max_concurrency + 1)
         self.accepting = True
         self.metrics = Metrics()
         self.reports = config.print_reports
@@ -215,7 +215,10 @@ class Pool:
         if self._run_timer is None:
             self._run_timer = self.loop.call_later(self.timeout, self._expire_running)
         self.busy += 1
-        self.level_seen[self.busy] = now
+        if self.busy == len(self.level_seen):
+            self.level_seen.append(now)  # runtimes started by hand are not bounded by MAX_CONCURRENCY
+        else:
+            self.level_seen[self.busy] = now
         if inv.tail or self.reports:
             start = f"START RequestId: {inv.request_id} Version: {self.config.function_version}\n".encode()
             if self.reports:
