@@ -140,14 +140,9 @@ class HttpRequestParser:
                     self._state = _DEAD
                     raise HttpParserUpgrade(pos - prior)  # as httptools: an offset into ``data``
             elif state == _LENGTH_BODY:
-                available = len(buf) - pos
-                if available <= 0:
+                if pos >= len(buf):
                     break
-                take = min(available, self._remaining)
-                chunk = bytes(buf[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                self._call("on_body", chunk)
+                pos = self._body(buf, pos)
                 if self._remaining == 0:
                     self._finish_message()
             elif state == _CHUNK_SIZE:
@@ -168,14 +163,9 @@ class HttpRequestParser:
                     self._remaining = size
                     self._state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
-                available = len(buf) - pos
-                if available <= 0:
+                if pos >= len(buf):
                     break
-                take = min(available, self._remaining)
-                chunk = bytes(buf[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                self._call("on_body", chunk)
+                pos = self._body(buf, pos)
                 if self._remaining == 0:
                     self._state = _CHUNK_DATA_END
             elif state == _CHUNK_DATA_END:
@@ -280,6 +270,13 @@ class HttpRequestParser:
         if _BAD_VALUE.search(value):
             raise HttpParserError("invalid character in a header value")
         return name, value
+
+    def _body(self, buf: bytearray, pos: int) -> int:
+        """Hand over what ``buf`` holds of the current body (or chunk) from ``pos``; the new position."""
+        take = min(len(buf) - pos, self._remaining)
+        self._remaining -= take
+        self._call("on_body", bytes(buf[pos:pos + take]))
+        return pos + take
 
     def _finish_message(self) -> None:
         self._state = _HEAD
