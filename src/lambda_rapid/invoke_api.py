@@ -36,6 +36,15 @@ _FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 
 
+def function_in_path(path: str, prefix: str = PREFIX, suffix: str = SUFFIX) -> Optional[str]:
+    """The {FunctionName} segment of an invoke route, or None when ``path`` is not that route."""
+    if path.startswith(prefix) and path.endswith(suffix):
+        name = path[len(prefix):-len(suffix)]
+        if name and "/" not in name:
+            return name
+    return None
+
+
 def parse_function_name(raw: str) -> tuple:
     """(name, qualifier) from a name, NAME:Q, partial ARN or full ARN; name None if malformed."""
     parts = raw.split(":")
@@ -164,19 +173,16 @@ class InvokeApi:
 
     def handle(self, request: Request) -> None:
         path = request.path
-        if path.startswith(PREFIX) and path.endswith(SUFFIX):
-            name = path[len(PREFIX):-len(SUFFIX)]
-            if "/" not in name and name:
-                if request.method != "POST":
-                    return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
-                return self.invoke(request, name)
-        elif path.startswith(STREAM_PREFIX) and path.endswith(STREAM_SUFFIX):
-            name = path[len(STREAM_PREFIX):-len(STREAM_SUFFIX)]
-            if "/" not in name and name:
-                if request.method != "POST":
-                    return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
-                return self.invoke(request, name, streaming=True)
-        elif path == "/_/health":
+        name = function_in_path(path)
+        streaming = False
+        if name is None:
+            name = function_in_path(path, STREAM_PREFIX, STREAM_SUFFIX)
+            streaming = name is not None
+        if name is not None:
+            if request.method != "POST":
+                return self._plain_error(request, 405, "Method Not Allowed", header("Allow", "POST"))
+            return self.invoke(request, name, streaming)
+        if path == "/_/health":
             return self._get(request, lambda: request.respond(200, b"content-type: text/plain\r\n" + _rid(), b"OK"))
         elif path == "/_/ready":
             return self._get(request, lambda: self._ready(request))

@@ -31,10 +31,9 @@ from ..histogram import Histogram
 from ..httpserver import Request, header
 from ..invocation import new_request_id
 from ..invoke_api import (
-    PREFIX,
-    SUFFIX,
     InvalidInvoke,
     UnknownFunction,
+    function_in_path,
     invoke_body_limit,
     parse_invoke,
     request_id_for,
@@ -144,13 +143,12 @@ class Router:
 
     def handle(self, request: Request) -> None:
         path = request.path
-        if path.startswith(PREFIX) and path.endswith(SUFFIX):
-            name = path[len(PREFIX):-len(SUFFIX)]
-            if name and "/" not in name:
-                if request.method != "POST":
-                    return _plain(request, 405, "Method Not Allowed", header("Allow", "POST"))
-                return self.invoke(request, name)
-        elif path == "/_/health":
+        name = function_in_path(path)
+        if name is not None:
+            if request.method != "POST":
+                return _plain(request, 405, "Method Not Allowed", header("Allow", "POST"))
+            return self.invoke(request, name)
+        if path == "/_/health":
             return _get(request, lambda: request.respond(200, _TEXT, b"OK"))
         elif path == "/_/ready":
             return _get(request, lambda: request.respond(200, _TEXT, b"OK") if self.ready()
