@@ -38,7 +38,7 @@ sys.path.insert(0, _SRC)
 
 from lambda_rapid import config as config_module  # noqa: E402
 from lambda_rapid.daemon import Daemon  # noqa: E402
-from lambda_rapid.httpserver import HttpConnection  # noqa: E402
+from lambda_rapid.http.server import HttpConnection  # noqa: E402
 
 PAYLOAD = b'{"hello":"world"}'
 INVOKE = (b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from lambda_rapid.amqp_link import MAX_BACKOFF, BrokerLink, split_uri
+from lambda_rapid.amqp.link import MAX_BACKOFF, BrokerLink, split_uri
 
 
 def test_split_uri_takes_out_pika_only_parameters():
@@ -47,7 +47,7 @@ def test_frames_queued_in_one_loop_turn_share_a_socket_write():
     from pamqp.commands import Basic
 
     from amqp_support import BROKER, require_broker, unique_name  # noqa: F401
-    from lambda_rapid.amqp_link import COALESCING, NO_DRAIN
+    from lambda_rapid.amqp.link import COALESCING, NO_DRAIN
 
     assert COALESCING
     name = unique_name("link-coalesce")

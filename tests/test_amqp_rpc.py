@@ -291,9 +291,9 @@ def test_many_in_flight_all_answered(daemon_factory):
 
 
 def test_http_only_daemon_does_not_import_the_amqp_library():
-    probe = ("import sys, lambda_rapid.cli, lambda_rapid.daemon, lambda_rapid.invoke_api; "
+    probe = ("import sys, lambda_rapid.cli, lambda_rapid.daemon, lambda_rapid.invoke.http_api; "
              "print('aio_pika' in sys.modules, 'aiormq' in sys.modules); "
-             "import lambda_rapid.amqp_rpc; print('aio_pika' in sys.modules)")
+             "import lambda_rapid.invoke.amqp_rpc; print('aio_pika' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "True"]
 

@@ -27,7 +27,6 @@ CLIENTS = ROOT / "examples" / "echo" / "echo-clients"
 ENTRYPOINT = ECHO_DIR / "lambda-entrypoint.sh"
 RIE_PATH = "/usr/local/bin/aws-lambda-rie"
 AMQP_URI = "amqp://guest:guest@127.0.0.1:5672/?heartbeat=0"
-HAS_AMQP_FRONT_DOOR = (ROOT / "src" / "lambda_rapid" / "amqp_rpc.py").exists()
 SEED_ENTRYPOINT = """#!/bin/sh
 if [ $# -ne 1 ]; then
   echo "entrypoint requires the handler name to be the first argument" 1>&2
@@ -260,8 +259,7 @@ def run_client(*args: str, timeout: float = 120) -> str:
 @pytest.fixture(scope="module")
 def echo_for_clients():
     function = f"echo-clients-{uuid.uuid4().hex[:8]}"
-    extra = {"AMQP_URI": AMQP_URI} if HAS_AMQP_FRONT_DOOR else {}
-    daemon = start_daemon(AWS_LAMBDA_FUNCTION_NAME=function, MAX_CONCURRENCY=2, **extra)
+    daemon = start_daemon(AWS_LAMBDA_FUNCTION_NAME=function, MAX_CONCURRENCY=2, AMQP_URI=AMQP_URI)
     yield daemon, function
     daemon.stop()
 
@@ -286,7 +284,6 @@ def test_clients_fail_loudly_on_a_wrong_function(echo_for_clients):
     assert r.returncode != 0 and "ResourceNotFoundException" in r.stderr
 
 
-@pytest.mark.skipif(not HAS_AMQP_FRONT_DOOR, reason="src/lambda_rapid/amqp_rpc.py does not exist yet")
 def test_amqp_client(echo_for_clients):
     daemon, function = echo_for_clients
     wait_until(lambda: function in daemon.stderr and "consuming" in daemon.stderr, 30,
@@ -399,8 +396,6 @@ def test_kubernetes_echo_lambda_is_what_the_daemon_accepts():
     assert uri.startswith(f"amqp://{env['AMQP_USERNAME']}:{env['AMQP_PASSWORD']}@rabbitmq:5672")
 
 
-@pytest.mark.skipif(not (ROOT / "src" / "lambda_rapid" / "server" / "config.py").exists(),
-                    reason="src/lambda_rapid/server/ does not exist yet")
 def test_kubernetes_lambda_server_is_what_the_server_accepts():
     from lambda_rapid.server import config as server_config
 

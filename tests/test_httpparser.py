@@ -10,7 +10,7 @@ from __future__ import annotations
 import httptools
 import pytest
 
-from lambda_rapid import httpparser
+from lambda_rapid.http import pyparser as httpparser
 
 
 class Recorder:

@@ -11,7 +11,8 @@ import time
 import httptools
 import pytest
 
-from lambda_rapid import httpparser, httpserver
+from lambda_rapid.http import pyparser as httpparser
+from lambda_rapid.http import server as httpserver
 
 
 class Transport:

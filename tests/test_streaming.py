@@ -23,7 +23,7 @@ import pytest
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 
 from conftest import FUNCTIONS_DIR, PYTHON, RIC, wait_until
-from lambda_rapid import eventstream
+from lambda_rapid.invoke import eventstream
 from support import UUID_RE, lambda_client, metric
 from test_runtime_api import HandRuntime
 from test_runtimes import node_ric  # noqa: F401  (a fixture)

@@ -23,8 +23,6 @@ from single_file import BUILD, bare_python, built_bin
 
 AMQP_URI = "amqp://guest:guest@127.0.0.1:5672/?heartbeat=0"
 CLIENTS = ROOT / "examples" / "echo" / "echo-clients"
-HAS_AMQP_FRONT_DOOR = (ROOT / "src" / "lambda_rapid" / "amqp_rpc.py").exists()
-HAS_SERVER = (ROOT / "src" / "lambda_rapid" / "server" / "cli.py").exists()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def test_build_is_reproducible_and_carries_no_c_extensions(tmp_path):
     with zipfile.ZipFile(tmp_path / "a" / "lambda-runtime-api-daemon") as archive:
         names = archive.namelist()
         assert archive.testzip() is None
-    expected = {"__main__.py", "lambda_rapid/httpparser.py", "aio_pika/__init__.py", "_py39/aio_pika/__init__.py"}
+    expected = {"__main__.py", "lambda_rapid/http/pyparser.py", "aio_pika/__init__.py", "_py39/aio_pika/__init__.py"}
     assert expected <= set(names)
     assert not [n for n in names if n.endswith((".so", ".pyc", ".pyd")) or "__pycache__" in n]
 
@@ -148,8 +146,6 @@ def test_without_the_py39_amqp_set_amqp_on_an_old_python_is_refused_clearly(tmp_
     assert r.returncode == 1 and "needs Python 3.11" in r.stderr
 
 
-@pytest.mark.skipif(not (HAS_AMQP_FRONT_DOOR and HAS_SERVER),
-                    reason="src/lambda_rapid/amqp_rpc.py or src/lambda_rapid/server/ does not exist yet")
 @pytest.mark.parametrize("version", ["", "3.9", "3.10", "3.12", "3.13"])
 def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
     """Daemon and Lambda Server both from bin/, on a bare python, through the real RabbitMQ
@@ -185,13 +181,13 @@ def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
 @pytest.mark.timeout(600)
 def test_security_suite_on_the_single_files_code_paths():
     """tests/test_security.py (bad HTTP, slow clients, limits) again, with httptools and uvloop
-    hidden in every process: the daemon then runs on asyncio and lambda_rapid.httpparser, as the
+    hidden in every process: the daemon then runs on asyncio and lambda_rapid.http.pyparser, as the
     single file does on any python3."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT / "tools" / "pure-python")
-    probe = subprocess.run([sys.executable, "-c", "import lambda_rapid.httpserver as h; print(h.httptools.__name__)"],
+    probe = subprocess.run([sys.executable, "-c", "import lambda_rapid.http.server as h; print(h.httptools.__name__)"],
                            env=env, capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "lambda_rapid.httpparser", probe.stderr
+    assert probe.stdout.strip() == "lambda_rapid.http.pyparser", probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_security.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]

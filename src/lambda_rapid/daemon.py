@@ -18,12 +18,12 @@ from typing import Optional
 
 from . import metrics
 from .config import Config, redact_uri
-from .extensions_api import ExtensionsApi
-from .httpserver import HttpServer
-from .invoke_api import InvokeApi
+from .http.server import HttpServer
+from .invoke.http_api import InvokeApi
 from .pool import Instance, Pool
-from .process import OutputSink, ProcessManager, peak_rss_of_group
-from .runtime_api import RuntimeApi
+from .sandbox.extensions_api import ExtensionsApi
+from .sandbox.process import OutputSink, ProcessManager, peak_rss_of_group
+from .sandbox.runtime_api import RuntimeApi
 
 log = logging.getLogger("lambda_rapid.daemon")
 
@@ -136,7 +136,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         if config.amqp_uri:
-            from .amqp_rpc import AmqpRpc  # only paid for when AMQP is on
+            from .invoke.amqp_rpc import AmqpRpc  # only paid for when AMQP is on
 
             log.info("AMQP-RPC on %s, queue %s", redact_uri(config.amqp_uri), config.function_name)
             self.amqp = AmqpRpc(self.pool, config)

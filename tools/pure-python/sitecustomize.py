@@ -2,7 +2,7 @@
 
 With this folder on PYTHONPATH every Python process (pytest, the daemons it starts, their
 runtimes) behaves as if those C extensions were not installed, so the daemon runs on the default
-asyncio loop and ``lambda_rapid.httpparser``, exactly as ``bin/lambda-runtime-api-daemon`` does:
+asyncio loop and ``lambda_rapid.http.pyparser``, exactly as ``bin/lambda-runtime-api-daemon`` does:
 
     PYTHONPATH=tools/pure-python .venv/bin/pytest -q tests --ignore tests/test_httpparser.py
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from .. import logs
 from ..cli import info_requested, new_event_loop
 from ..config import redact_uri
-from ..httpserver import HttpServer
+from ..http.server import HttpServer
 from . import config as config_module
 
 PROG = "lambda-server"

@@ -25,12 +25,12 @@ from aiormq.exceptions import PublishError
 from pamqp.commands import Basic
 
 from .. import errors
-from ..amqp_link import NO_DRAIN, BrokerLink, header_text
+from ..amqp.link import NO_DRAIN, BrokerLink, header_text
 from ..config import ACCOUNT_ID
 from ..histogram import Histogram
-from ..httpserver import Request, header
+from ..http.server import Request, header
 from ..invocation import new_request_id
-from ..invoke_api import (
+from ..invoke.http_api import (
     InvalidInvoke,
     UnknownFunction,
     function_in_path,

@@ -16,13 +16,14 @@ import logging
 import urllib.parse
 from typing import Callable, Optional
 
-from . import errors, eventstream
-from .config import ACCOUNT_ID, Config
-from .httpserver import Request, header
-from .invocation import SUCCESS, Invocation, Result, is_uuid, new_request_id
-from .pool import Pool
+from .. import errors
+from ..config import ACCOUNT_ID, Config
+from ..http.server import Request, header
+from ..invocation import SUCCESS, Invocation, Result, is_uuid, new_request_id
+from ..pool import Pool
+from . import eventstream
 
-log = logging.getLogger("lambda_rapid.invoke_api")
+log = logging.getLogger("lambda_rapid.invoke.http_api")
 
 PREFIX = "/2015-03-31/functions/"
 SUFFIX = "/invocations"

@@ -13,7 +13,7 @@ import signal
 import subprocess
 from typing import Callable, Dict, Optional, Sequence
 
-log = logging.getLogger("lambda_rapid.process")
+log = logging.getLogger("lambda_rapid.sandbox.process")
 
 READ_CHUNK = 65536
 MAX_PARTIAL_LINE = 65536

@@ -24,12 +24,12 @@ from typing import Optional
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
-from . import errors
-from .amqp_link import NO_DRAIN, BrokerLink, header_text
-from .config import Config
-from .invocation import Invocation, is_uuid, new_request_id
-from .invoke_api import INVOCATION_TYPES, LOG_TYPES, decode_client_context
-from .pool import Pool
+from .. import errors
+from ..amqp.link import NO_DRAIN, BrokerLink, header_text
+from ..config import Config
+from ..invocation import Invocation, is_uuid, new_request_id
+from ..pool import Pool
+from .http_api import INVOCATION_TYPES, LOG_TYPES, decode_client_context
 
 log = logging.getLogger("lambda_rapid.amqp")
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 try:
     import httptools
 except ImportError:  # the single-file build carries no C extensions: same interface in pure Python
-    from . import httpparser as httptools  # type: ignore[no-redef]
+    from . import pyparser as httptools  # type: ignore[no-redef]
 
 log = logging.getLogger("lambda_rapid.http")
 

@@ -30,11 +30,11 @@ import uuid
 from collections import deque
 from typing import Callable, Dict, List, Optional
 
-from . import errors
-from .config import ACCOUNT_ID, Config
-from .httpserver import Request, header
-from .invocation import CRASH, FUNCTION_ERROR, SUCCESS, TIMEOUT, Invocation, Result, is_uuid
-from .pool import Instance, Pool, Waiter
+from .. import errors
+from ..config import ACCOUNT_ID, Config
+from ..http.server import Request, header
+from ..invocation import CRASH, FUNCTION_ERROR, SUCCESS, TIMEOUT, Invocation, Result, is_uuid
+from ..pool import Instance, Pool, Waiter
 from .telemetry import SubscribeError, Telemetry
 
 log = logging.getLogger("lambda_rapid.extensions")

@@ -13,13 +13,13 @@ import binascii
 import logging
 from typing import Callable, Dict, Optional
 
-from . import errors
-from .config import Config
-from .httpserver import Request, header
-from .invocation import Invocation
-from .pool import Instance, Pool, Waiter
+from .. import errors
+from ..config import Config
+from ..http.server import Request, header
+from ..invocation import Invocation
+from ..pool import Instance, Pool, Waiter
 
-log = logging.getLogger("lambda_rapid.runtime_api")
+log = logging.getLogger("lambda_rapid.sandbox.runtime_api")
 
 PREFIX = "/2018-06-01/runtime/"
 INVOCATION = PREFIX + "invocation/"

@@ -22,7 +22,7 @@ import aiormq
 import aiormq.connection
 from aiormq.abc import ChannelFrame
 
-from .config import redact_uri
+from ..config import redact_uri
 
 log = logging.getLogger("lambda_rapid.amqp")
 
