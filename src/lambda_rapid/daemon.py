@@ -47,6 +47,12 @@ class Daemon:
         self.invoke_api.ready = self.ready
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
         self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)
+        self.function_url_http: Optional[HttpServer] = None
+        if config.function_url_port is not None:
+            from .invoke.function_url import FunctionUrlApi  # only paid for when FUNCTION_URL_PORT is set
+
+            self.function_url_http = HttpServer(FunctionUrlApi(self.pool, config), request_timeout=60.0,
+                                                idle_timeout=600.0)
         self.instance_host = config.runtime_host
         if self.instance_host in ("0.0.0.0", "", "::"):
             self.instance_host = "127.0.0.1"
@@ -126,6 +132,14 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot listen on the Invoke API address "
                                f"{config.invoke_host}:{config.invoke_port}: {e.strerror or e}") from None
+        if self.function_url_http is not None:
+            try:
+                await self.function_url_http.listen(config.invoke_host, config.function_url_port)
+            except OSError as e:
+                raise StartupError(f"cannot listen on the Function URL address "
+                                   f"{config.invoke_host}:{config.function_url_port}: {e.strerror or e}") from None
+            log.info("Function URL (%s) on %s:%d", config.function_url_invoke_mode, config.invoke_host,
+                     config.function_url_port)
         log.info("function %s (version %s, timeout %gs, MAX_CONCURRENCY %d): Invoke API on %s:%d, "
                  "Runtime API on %s:%d", config.function_name, config.function_version, config.timeout,
                  config.max_concurrency, config.invoke_host, config.invoke_port, config.runtime_host,
@@ -178,10 +192,14 @@ class Daemon:
         if self.amqp is not None:
             await self.amqp.close()
         self.invoke_http.close()
+        if self.function_url_http is not None:
+            self.function_url_http.close()
         await self.extensions.shutdown()
         await self._stop_instances()
         self.runtime_http.close()
         self.invoke_http.close_connections()
+        if self.function_url_http is not None:
+            self.function_url_http.close_connections()
         self.runtime_http.close_connections()
         log.info("stopped")
 
