@@ -127,11 +127,7 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot listen on the Runtime API address "
                                f"{config.runtime_host}:{config.runtime_port}: {e.strerror or e}") from None
-        try:
-            await self.invoke_http.listen(config.invoke_host, config.invoke_port)
-        except OSError as e:
-            raise StartupError(f"cannot listen on the Invoke API address "
-                               f"{config.invoke_host}:{config.invoke_port}: {e.strerror or e}") from None
+        # Before the Invoke API: once /_/health answers, the Function URL is up too.
         if self.function_url_http is not None:
             try:
                 await self.function_url_http.listen(config.invoke_host, config.function_url_port)
@@ -140,6 +136,11 @@ class Daemon:
                                    f"{config.invoke_host}:{config.function_url_port}: {e.strerror or e}") from None
             log.info("Function URL (%s) on %s:%d", config.function_url_invoke_mode, config.invoke_host,
                      config.function_url_port)
+        try:
+            await self.invoke_http.listen(config.invoke_host, config.invoke_port)
+        except OSError as e:
+            raise StartupError(f"cannot listen on the Invoke API address "
+                               f"{config.invoke_host}:{config.invoke_port}: {e.strerror or e}") from None
         log.info("function %s (version %s, timeout %gs, MAX_CONCURRENCY %d): Invoke API on %s:%d, "
                  "Runtime API on %s:%d", config.function_name, config.function_version, config.timeout,
                  config.max_concurrency, config.invoke_host, config.invoke_port, config.runtime_host,
