@@ -46,7 +46,7 @@ log = logging.getLogger("lambda_rapid.invoke.function_url")
 
 RESPONSE_STREAM = "RESPONSE_STREAM"
 # The content type of a streamed /response that starts with the prelude (aws-lambda-ric's
-# HttpResponseStream, and the Rust, Go and Swift runtime clients for Function URLs).
+# HttpResponseStream.from sets it; so must any other runtime that sends a prelude).
 PRELUDE_TYPE = "application/vnd.awslambda.http-integration-response"
 PRELUDE_DELIMITER = b"\0" * 8
 PRELUDE_LIMIT = 65536  # bytes of prelude waited for before the stream is judged malformed
