@@ -26,6 +26,8 @@ LOG_LEVELS = {
 # Variables that belong to the daemon's AMQP connection and must never reach the function.
 AMQP_SECRETS = ("AMQP_URI", "AMQP_USERNAME", "AMQP_PASSWORD")
 ACCOUNT_ID = "012345678912"
+# Function URL invoke modes, as AWS's FunctionUrlConfig.InvokeMode names them.
+FUNCTION_URL_INVOKE_MODES = ("BUFFERED", "RESPONSE_STREAM")
 
 
 class ConfigError(Exception):
@@ -60,6 +62,8 @@ class Config:
     enable_openfaas: bool = False
     kubernetes_init_container: bool = False
     extensions_dir: str = "/opt/extensions"
+    function_url_port: Optional[int] = None  # the Function URL listener (on invoke_host); None: off
+    function_url_invoke_mode: str = "BUFFERED"
     # The environment each runtime instance starts from (the daemon's own, minus AMQP secrets,
     # plus the Lambda defaults; user-set values win). Per-instance values are added at spawn.
     runtime_env: Mapping[str, str] = field(default_factory=dict)
@@ -279,6 +283,7 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
     for name in ("AMQP_DURABLE_QUEUE", "PRINT_REPORTS", "ENABLE_OPENFAAS"):
         flags_bool[name] = parse_bool(name, env[name]) if name in env else False
     structured = structured_logging_enabled(env)
+    function_url_port, function_url_mode = function_url_settings(env, invoke_port, runtime_port)
 
     command, handler, run_cwd = resolve_command(args, env, cwd)
     name = env.get("AWS_LAMBDA_FUNCTION_NAME") or infer_function_name(handler)
@@ -301,8 +306,28 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         print_reports=flags_bool["PRINT_REPORTS"], log_level=log_level, structured_logging=structured,
         enable_openfaas=flags_bool["ENABLE_OPENFAAS"],
         extensions_dir=env.get("LAMBDA_EXTENSIONS_DIR") or "/opt/extensions",
+        function_url_port=function_url_port, function_url_invoke_mode=function_url_mode,
         runtime_env=runtime_env,
     )
+
+
+def function_url_settings(env: Mapping[str, str], invoke_port: int, runtime_port: int) -> tuple:
+    """(FUNCTION_URL_PORT or None, FUNCTION_URL_INVOKE_MODE)."""
+    mode = env.get("FUNCTION_URL_INVOKE_MODE")
+    if "FUNCTION_URL_PORT" not in env:
+        if mode is not None:
+            raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={mode!r} is set but FUNCTION_URL_PORT is not "
+                              "(set it to open the Function URL listener)")
+        return None, "BUFFERED"
+    port = parse_port("FUNCTION_URL_PORT", env["FUNCTION_URL_PORT"])
+    if port != 0 and port in (invoke_port, runtime_port):
+        which = "PORT (the Invoke API)" if port == invoke_port else "RUNTIME_API_PORT (the Runtime API)"
+        raise ConfigError(f"FUNCTION_URL_PORT={port} is already {which}; give the Function URL its own port")
+    mode = "BUFFERED" if mode is None else mode.strip().upper()
+    if mode not in FUNCTION_URL_INVOKE_MODES:
+        raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={env['FUNCTION_URL_INVOKE_MODE']!r} is not an invoke mode "
+                          f"(use {' or '.join(FUNCTION_URL_INVOKE_MODES)})")
+    return port, mode
 
 
 def build_runtime_env(env: Mapping[str, str], *, name: str, version: str, memory: int, region: str,

@@ -47,6 +47,12 @@ class Daemon:
         self.invoke_api.ready = self.ready
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
         self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)
+        self.function_url_http: Optional[HttpServer] = None
+        if config.function_url_port is not None:
+            from .invoke.function_url import FunctionUrlApi  # only paid for when FUNCTION_URL_PORT is set
+
+            self.function_url_http = HttpServer(FunctionUrlApi(self.pool, config), request_timeout=60.0,
+                                                idle_timeout=600.0)
         self.instance_host = config.runtime_host
         if self.instance_host in ("0.0.0.0", "", "::"):
             self.instance_host = "127.0.0.1"
@@ -121,6 +127,15 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot listen on the Runtime API address "
                                f"{config.runtime_host}:{config.runtime_port}: {e.strerror or e}") from None
+        # Before the Invoke API: once /_/health answers, the Function URL is up too.
+        if self.function_url_http is not None:
+            try:
+                await self.function_url_http.listen(config.invoke_host, config.function_url_port)
+            except OSError as e:
+                raise StartupError(f"cannot listen on the Function URL address "
+                                   f"{config.invoke_host}:{config.function_url_port}: {e.strerror or e}") from None
+            log.info("Function URL (%s) on %s:%d", config.function_url_invoke_mode, config.invoke_host,
+                     config.function_url_port)
         try:
             await self.invoke_http.listen(config.invoke_host, config.invoke_port)
         except OSError as e:
@@ -178,10 +193,14 @@ class Daemon:
         if self.amqp is not None:
             await self.amqp.close()
         self.invoke_http.close()
+        if self.function_url_http is not None:
+            self.function_url_http.close()
         await self.extensions.shutdown()
         await self._stop_instances()
         self.runtime_http.close()
         self.invoke_http.close_connections()
+        if self.function_url_http is not None:
+            self.function_url_http.close_connections()
         self.runtime_http.close_connections()
         log.info("stopped")
 

@@ -85,6 +85,7 @@ class RuntimeApi:
         inv = self.pool.in_flight.get(path[len(INVOCATION):-len("/response")])
         if inv is None or inv.on_chunk is None or not self._answers_for(request, inv.instance):
             return errors.RESPONSE_LIMIT
+        inv.stream_content_type = request.headers.get("content-type")
         request.on_chunk = inv.stream
         return errors.STREAM_RESPONSE_LIMIT
 
