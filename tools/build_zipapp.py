@@ -4,9 +4,10 @@
 Each is a zipapp (``#!/usr/bin/env python3`` + a zip archive, made by ``lambda_rapid.singlefile``)
 holding the ``lambda_rapid`` package from ``src/`` and the pure-Python parts of the AMQP client
 (aio-pika, aiormq, pamqp, yarl, multidict, propcache, idna), copied from the Python that runs this
-script (so run it with the project's venv: ``.venv/bin/python tools/build_zipapp.py``). C extensions
-are left out: the daemon then uses the default asyncio loop instead of uvloop, ``lambda_rapid.httpparser`` instead
-of httptools, and the pure-Python fallbacks of yarl, multidict and propcache.
+script (so run it with the project's venv: ``.venv/bin/python tools/build_zipapp.py``). C
+extensions are left out: the daemon then uses the default asyncio loop instead of uvloop,
+``lambda_rapid.httpparser`` instead of httptools, and the pure-Python fallbacks of yarl, multidict
+and propcache.
 
 Needs at run time: any ``python3`` >= 3.9, nothing installed. aio-pika 10 needs Python 3.11, so,
 as ``pyproject.toml`` does for pip, the archive also carries aio-pika 9.4.3 and the versions of its
