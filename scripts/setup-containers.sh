@@ -28,11 +28,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || cannot "${missing[*]} missing and no apt-get to install them"
   echo "setup-containers.sh: installing podman, runc and debootstrap (Debian packages)" >&2
   started=$SECONDS
-  apt-get update -qq
+  log=$(mktemp /var/tmp/setup-containers-apt.XXXXXX.log)
   # podman-docker: a `docker` command that runs podman (as /usr/bin/docker: another docker may come
   # first on PATH). netavark + iptables: podman's network for -p; no crun (see containers.conf).
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    podman podman-docker runc netavark iptables debootstrap >/dev/null
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+           podman podman-docker runc netavark iptables debootstrap; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    echo "setup-containers.sh: apt-get failed (full log: $log)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   echo "setup-containers.sh: installed in $((SECONDS - started)) s" >&2
 fi
 
