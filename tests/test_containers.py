@@ -256,13 +256,10 @@ def test_stop_answers_in_flight_invocations_and_exits_0(image, daemon_file):
             calls = [pool.submit(invoke, proc, {"sleep": 2, "n": n}) for n in range(2)]
             wait_until(lambda: metric(proc.metrics(), 'lambda_instances{state="busy"}') == 2, 30,
                        interval=0.05, message="two invocations in flight")
-            started = time.monotonic()
             podman("stop", "--time", "20", proc.name)
-            stopped = time.monotonic() - started
             answers = [c.result(30) for c in calls]
         assert [a["slept"] for a in answers] == [2, 2]
-        assert proc.wait(30) == 0, proc.stderr
-        assert stopped < 20, "podman stop had to SIGKILL"  # it waited for the drain, not its timeout
+        assert proc.wait(30) == 0, proc.stderr  # 137 had podman stop needed SIGKILL
         assert "received SIGTERM" in proc.stderr
     finally:
         remove(proc)
