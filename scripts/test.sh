@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# podman and the Debian base image for tests/test_containers.py: once per machine (it says what the
+# first run cost); where containers cannot be had (exit 77: not root, no apt-get) those tests skip.
+./scripts/setup-containers.sh >/dev/null || [ $? -eq 77 ]
 if command -v rabbitmqctl >/dev/null 2>&1; then
   if ! rabbitmqctl -q status >/dev/null 2>&1; then
     echo "starting RabbitMQ" >&2

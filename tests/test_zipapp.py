@@ -6,12 +6,15 @@ awslambdaric from the function's own environment.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -121,12 +124,92 @@ def test_kubernetes_init_container_copies_the_single_file(bin_dir, tmp_path):
         copied.unlink(missing_ok=True)
 
 
-def test_kubernetes_init_container_refuses_to_copy_a_console_script():
-    env = daemon_env(KUBERNETES_INIT_CONTAINER="true")
-    r = subprocess.run([str(Path(sys.executable).parent / "lambda-runtime-api-daemon")], env=env,
-                       capture_output=True, text=True, timeout=30)
+@contextlib.contextmanager
+def private_tmp():
+    """(run, written): ``run(argv, env)`` runs ``argv`` in a private mount namespace whose /tmp is
+    this /tmp with an overlay on top, so everything under /tmp stays visible (the checkout may be
+    there) but what the run writes to /tmp (the init container's fixed target,
+    /tmp/lambda-runtime-api-daemon) lands in ``written``, seen by no other test."""
+    base = Path(tempfile.mkdtemp(prefix="private-tmp-", dir="/var/tmp"))  # an overlay's upper layer: not in /tmp
+    (base / "upper").mkdir()
+    (base / "work").mkdir()
+
+    def run(argv: list, env: dict) -> subprocess.CompletedProcess:
+        mount = f"mount -t overlay overlay -o lowerdir=/tmp,upperdir={base}/upper,workdir={base}/work /tmp"
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount + ' && exec "$@"',
+                               "sh", *argv], env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        yield run, base / "upper"
+    finally:
+        shutil.rmtree(base)
+
+
+needs_unshare = pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(),
+                                   reason="needs root and unshare (a private /tmp)")
+
+
+@needs_unshare
+def test_kubernetes_init_container_from_a_pip_install_builds_the_single_file(tmp_path):
+    """A non-editable pip install (the package in site-packages, not src/): the console script
+    builds /tmp/lambda-runtime-api-daemon from it, and that file serves with a bare python3."""
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    env = daemon_env(KUBERNETES_INIT_CONTAINER="true", PYTHONPATH=str(target))
+    where = subprocess.run([sys.executable, "-c", "import lambda_rapid; print(lambda_rapid.__file__)"], env=env,
+                           capture_output=True, text=True, timeout=30)
+    assert where.stdout.strip() == str(target / "lambda_rapid" / "__init__.py")  # not src/
+    with private_tmp() as (run, written):
+        r = run([str(target / "bin" / "lambda-runtime-api-daemon")], env)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip() == "lambda-runtime-api-daemon: built /tmp/lambda-runtime-api-daemon from the " \
+                                   "installed lambda_rapid 0.1.0"
+        assert [p.name for p in written.iterdir()] == ["lambda-runtime-api-daemon"]  # and no temporary left
+        built = tmp_path / "lambda-runtime-api-daemon"
+        shutil.copy2(written / "lambda-runtime-api-daemon", built)
+    assert built.stat().st_mode & 0o777 == 0o755
+    with zipfile.ZipFile(built) as archive:
+        names = set(archive.namelist())
+    assert {"__main__.py", "lambda_rapid/cli.py", "lambda_rapid/http/pyparser.py", "aio_pika/__init__.py"} <= names
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
+    daemon = start_single_file(sys.executable, built, [*RIC, "echo.handler"], AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
+    try:
+        status, _, body = daemon.invoke({"key": "value"}, name="echo-lambda")
+        assert (status, json.loads(body)) == (200, {"key": "value"})
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.stderr
+
+
+@needs_unshare
+def test_kubernetes_init_container_from_python_dash_m_builds_too():
+    with private_tmp() as (run, written):
+        r = run([sys.executable, "-m", "lambda_rapid"], daemon_env(KUBERNETES_INIT_CONTAINER=""))
+        assert r.returncode == 0, r.stderr
+        assert zipfile.is_zipfile(written / "lambda-runtime-api-daemon")
+
+
+@needs_unshare
+def test_kubernetes_init_container_that_cannot_write_tmp_says_so():
+    """/tmp read-only (no shared volume mounted there): one line, exit 1."""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && exec "$@"', "sh",
+                        str(Path(sys.executable).parent / "lambda-runtime-api-daemon")],
+                       env=daemon_env(KUBERNETES_INIT_CONTAINER="1"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
-    assert "single-file build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("lambda-runtime-api-daemon: error: KUBERNETES_INIT_CONTAINER: cannot build "
+                               "/tmp/lambda-runtime-api-daemon from the installed package: ")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_single_file_build_names_a_missing_amqp_distribution(monkeypatch):
+    from lambda_rapid import singlefile
+
+    monkeypatch.setattr(singlefile, "AMQP_DISTRIBUTIONS", (*singlefile.AMQP_DISTRIBUTIONS, "no-such-distribution"))
+    with pytest.raises(singlefile.BuildError, match="no-such-distribution is not installed"):
+        singlefile.amqp_files()
 
 
 def test_without_the_py39_amqp_set_amqp_on_an_old_python_is_refused_clearly(tmp_path):
