@@ -18,15 +18,16 @@ import botocore.config
 import pytest
 
 from amqp_support import (
-    AMQP_URI,
+    amqp_daemon,
     metric,
+    queues_deleted,
     rabbitmqctl,
     require_broker,  # noqa: F401  (autouse: fail clearly when RabbitMQ is not running)
     start_server,
     unique_name,
     wait_consumers,
 )
-from conftest import BIN, FUNCTIONS_DIR, RIC, free_port, wait_until
+from conftest import BIN, free_port, wait_until
 
 SUCCESS = 'lambda_invocations_total{outcome="success"}'
 
@@ -52,11 +53,11 @@ def client(url: str, read_timeout: float = 30.0):
                                                       read_timeout=read_timeout, connect_timeout=5))
 
 
-def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", **env):
-    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name, AMQP_URI=AMQP_URI,
-                          **env)
-    wait_consumers(name)
-    return proc
+@pytest.fixture(autouse=True)
+def _delete_queues():
+    """The daemons' queues are durable: gone after each test (after its daemons stopped)."""
+    with queues_deleted():
+        yield
 
 
 def ready_server(server_factory, **env):
