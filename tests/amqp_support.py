@@ -65,6 +65,23 @@ def consumers(queue: str) -> int:
             pass
 
 
+def queue_depth(queue: str) -> int:
+    """Messages ready in ``queue`` (-1 when it does not exist)."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER + "?connection_attempts=1&socket_timeout=2"))
+    except pika.exceptions.AMQPError:
+        return -1
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return -1
+    finally:
+        try:
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
 def wait_consumers(queue: str, count: int = 1, timeout: float = 15.0) -> None:
     wait_until(lambda: consumers(queue) >= count, timeout, 0.05, f"{count} consumer(s) on {queue}")
 
@@ -172,8 +189,13 @@ def metric(proc: Proc, name: str) -> float:
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120,
-                   env=dict(os.environ, HOME=os.environ.get("HOME", "/root")))
+    rabbitmqctl_out(*args)
+
+
+def rabbitmqctl_out(*args: str) -> str:
+    """What ``rabbitmqctl -q ARGS`` prints (it fails the test when the command fails)."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120, text=True,
+                          env=dict(os.environ, HOME=os.environ.get("HOME", "/root"))).stdout
 
 
 def functions_dir() -> Path:

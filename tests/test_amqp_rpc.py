@@ -27,6 +27,7 @@ from amqp_support import (
     metric,
     queues_deleted,
     rabbitmqctl,
+    rabbitmqctl_out,
     require_broker,  # noqa: F401  (autouse: fail clearly when RabbitMQ is not running)
     unique_name,
     wait_consumers,
@@ -224,11 +225,11 @@ def test_redelivered_work_of_a_dead_connection_is_not_lost(daemon_factory):
 def _cut_connections(name: str) -> None:
     """Close the daemon's broker connection from the broker's side, as a network cut would."""
     conn_name = f"lambda-runtime-api-daemon {name}"
-    out = _ctl("list_connections", "pid", "client_properties")
+    out = rabbitmqctl_out("list_connections", "pid", "client_properties")
     pids = [line.split("\t")[0] for line in out.splitlines() if conn_name in line]
     assert pids, out
     for pid in pids:
-        _ctl("close_connection", pid, "test cut")
+        rabbitmqctl_out("close_connection", pid, "test cut")
 
 
 def test_connection_cut_mid_invocation_runs_the_function_once(daemon_factory):
@@ -332,11 +333,6 @@ def test_broker_restart_mid_invocation_runs_nothing_twice(daemon_factory):
         assert "came back" in daemon.stderr
 
 
-def _ctl(*args: str) -> str:
-    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
-                          timeout=60).stdout
-
-
 @pytest.mark.parametrize("env,declared", [
     ({}, ["true", "false", "classic"]),  # the default: outlives its daemons and broker restarts
     ({"AMQP_QUEUE_TYPE": "quorum"}, ["true", "false", "quorum"]),
@@ -347,7 +343,7 @@ def test_queue_follows_the_settings(daemon_factory, rpc, env, declared):
     durable ones outlive their last daemon (a request waits in it), the auto-delete one does not."""
     name = unique_name("amqp-queue")
     daemon = amqp_daemon(daemon_factory, name, **env)
-    out = _ctl("list_queues", "name", "durable", "auto_delete", "type")
+    out = rabbitmqctl_out("list_queues", "name", "durable", "auto_delete", "type")
     line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
     assert line.split("\t")[1:] == declared
     props, body = rpc.call(name, b'{"type": 1}', headers={"X-Amz-Log-Type": "Tail"})
@@ -396,7 +392,7 @@ def test_deleted_queue_is_declared_again(daemon_factory, rpc):
 
 def _queue_counts(name: str) -> tuple:
     """(ready, unacknowledged) messages of a queue, as the broker counts them."""
-    out = _ctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
+    out = rabbitmqctl_out("list_queues", "name", "messages_ready", "messages_unacknowledged")
     line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
     ready, unacked = line.split("\t")[1:3]
     return int(ready), int(unacked)
@@ -406,21 +402,18 @@ def test_answered_requests_are_acked_without_more_traffic(daemon_factory):
     """Acks wait to share the next reply's socket write; the last ones must still go out on their
     own when no more replies come, or they would hold prefetch slots (and come back on a cut)."""
     name = unique_name("amqp-acked")
-    daemon = amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2, AMQP_DURABLE_QUEUE="true")
-    try:
-        with RpcClient() as client:
-            ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(30)]
-            for i, cid in enumerate(ids):
-                assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
-            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "every request acked")
-            assert client.call(name, b'{"alone": 1}')[1] == b'{"alone": 1}'
-            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the lone request acked")
-            # SIGTERM right after a reply: its ack is written before the connection closes, so
-            # the request does not come back to the queue.
-            assert client.call(name, b'{"last": 1}')[1] == b'{"last": 1}'
-        assert metric(daemon, SUCCESS) == 32
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0
-        assert _queue_counts(name) == (0, 0)
-    finally:
-        delete_queue(name)
+    daemon = amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2)
+    with RpcClient() as client:
+        ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(30)]
+        for i, cid in enumerate(ids):
+            assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "every request acked")
+        assert client.call(name, b'{"alone": 1}')[1] == b'{"alone": 1}'
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the lone request acked")
+        # SIGTERM right after a reply: its ack is written before the connection closes, so
+        # the request does not come back to the queue.
+        assert client.call(name, b'{"last": 1}')[1] == b'{"last": 1}'
+    assert metric(daemon, SUCCESS) == 32
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    assert _queue_counts(name) == (0, 0)

@@ -59,6 +59,7 @@ RECENT_ACKS = 1024
 KEPT_COUNT = 10_000
 KEPT_BYTES = 64 * 1024 * 1024
 KEPT_SECONDS = 600.0
+REPLY_WAIT = 30.0  # longest wait for the other delivery's reply to be confirmed before sending it again
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
 
 
@@ -319,8 +320,10 @@ class AmqpRpc:
                 self._hold(key, kept, result)
         while not kept.replied:
             sending = kept.sending
-            if sending is not None:
-                await sending  # the other delivery of this request is publishing the reply
+            if sending is not None:  # the other delivery of this request is publishing the reply
+                await asyncio.wait([sending], timeout=REPLY_WAIT)
+                if kept.sending is sending:
+                    kept.sending = None  # no outcome in time: send it from here
                 continue
             if kept.result is None or kept.inv is None:
                 break  # nothing to send: the run never started (it went back to the queue)
