@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+SYNC_REQUEST_LIMIT = 6_291_456  # bytes of payload AWS takes for RequestResponse (and DryRun)
+EVENT_REQUEST_LIMIT = 1_048_576  # ... and for Event (invoke.contract.body_limit applies them)
 RESPONSE_LIMIT = 6_291_556
 STREAM_RESPONSE_LIMIT = 20_971_520  # AWS: streamed responses may be up to 20 MB
 _COMPACT = (",", ":")  # AWS writes its error bodies without spaces

@@ -20,6 +20,7 @@ import urllib.parse
 from typing import Callable, Mapping, Optional
 
 from .. import errors
+from ..errors import EVENT_REQUEST_LIMIT, SYNC_REQUEST_LIMIT
 from ..invocation import is_uuid, new_request_id
 
 ACCOUNT_ID = "012345678912"
@@ -30,8 +31,6 @@ STREAM_SUFFIX = "/response-streaming-invocations"
 INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
 STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
 LOG_TYPES = ("None", "Tail")
-SYNC_REQUEST_LIMIT = 6_291_456  # bytes of payload AWS takes for RequestResponse (and DryRun)
-EVENT_REQUEST_LIMIT = 1_048_576  # ... and for Event
 BAD_CONTEXT = "Client context must be a valid Base64-encoded JSON object."
 NAME_MISMATCH = "The derived qualifier from the function name does not match the specified qualifier."
 
