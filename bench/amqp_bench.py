@@ -273,7 +273,23 @@ def main() -> int:
     finally:
         for proc in reversed(procs):
             stop(proc)
+        loop = new_event_loop()  # the daemon's queue is durable: it would outlive the benchmark
+        try:
+            loop.run_until_complete(delete_queue(args.amqp_uri, queue))
+        finally:
+            loop.close()
     return 0
+
+
+async def delete_queue(uri: str, queue: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(uri)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+    finally:
+        await connection.close()
 
 
 if __name__ == "__main__":

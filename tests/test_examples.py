@@ -434,7 +434,6 @@ def manifest_daemon_env(function: str, **changes) -> dict:
     return {k: v for k, v in env.items() if v is not None}
 
 
-@pytest.mark.skipif(not HAS_AMQP_FRONT_DOOR, reason="src/lambda_rapid/amqp_rpc.py does not exist yet")
 def test_kubernetes_queue_settings_carry_a_request_across_zero_replicas():
     """Scale to zero, for real: the daemon with the manifest's queue settings consumes, stops (its last
     replica gone), a request comes through the Lambda Server and waits in the queue, a daemon starts

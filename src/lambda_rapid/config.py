@@ -13,6 +13,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+from .invoke.contract import ACCOUNT_ID as ACCOUNT_ID  # re-exported: the account of every ARN here
+from .invoke.contract import function_arn
+
 BOOTSTRAP_CANDIDATES = ("/var/task/bootstrap", "/opt/bootstrap", "/var/runtime/bootstrap")
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/?connection_attempts=20&retry_delay=10&heartbeat=0"
 LOG_LEVELS = {
@@ -25,9 +28,11 @@ LOG_LEVELS = {
 }
 # Variables that belong to the daemon's AMQP connection and must never reach the function.
 AMQP_SECRETS = ("AMQP_URI", "AMQP_USERNAME", "AMQP_PASSWORD")
-ACCOUNT_ID = "012345678912"
 # Function URL invoke modes, as AWS's FunctionUrlConfig.InvokeMode names them.
 FUNCTION_URL_INVOKE_MODES = ("BUFFERED", "RESPONSE_STREAM")
+# RabbitMQ queue types the function's queue can be (its x-queue-type); quorum queues are always
+# durable and never auto-delete (https://www.rabbitmq.com/docs/quorum-queues#feature-matrix).
+QUEUE_TYPES = ("classic", "quorum")
 
 
 class ConfigError(Exception):
@@ -55,7 +60,10 @@ class Config:
     max_queued: int = 1000
     runtime_max_concurrency: int = 1
     amqp_uri: Optional[str] = None
-    amqp_durable: bool = False
+    # The function's queue outlives its daemons (KEDA scale-to-zero) and broker restarts; False is
+    # the Go daemon's non-durable auto-delete queue.
+    amqp_durable: bool = True
+    amqp_queue_type: str = "classic"
     print_reports: bool = False
     log_level: str = "INFO"
     structured_logging: bool = False
@@ -70,7 +78,7 @@ class Config:
 
     @property
     def function_arn(self) -> str:
-        return f"arn:aws:lambda:{self.region}:{ACCOUNT_ID}:function:{self.function_name}"
+        return function_arn(self.region, self.function_name)
 
 
 # ---- value parsers: each names the variable and the bad value -------------------------------
@@ -167,6 +175,19 @@ def validate_amqp_uri(uri: str) -> None:
     for key in ("connection_attempts", "retry_delay", "heartbeat"):
         for value in query.get(key, []):
             parse_number(f"AMQP_URI {key}", value, integer=key == "connection_attempts")
+
+
+def parse_queue(env: Mapping[str, str]) -> tuple:
+    """(durable, queue type) of the function's queue from AMQP_DURABLE_QUEUE and AMQP_QUEUE_TYPE."""
+    durable = parse_bool("AMQP_DURABLE_QUEUE", env["AMQP_DURABLE_QUEUE"]) if "AMQP_DURABLE_QUEUE" in env else True
+    value = env.get("AMQP_QUEUE_TYPE", "classic")
+    queue_type = value.strip().lower()
+    if queue_type not in QUEUE_TYPES:
+        raise ConfigError(f"AMQP_QUEUE_TYPE={value!r} is not a queue type (use classic or quorum)")
+    if queue_type == "quorum" and not durable:
+        raise ConfigError("AMQP_QUEUE_TYPE=quorum needs a durable queue, but AMQP_DURABLE_QUEUE=false asks for "
+                          "an auto-delete one (RabbitMQ's quorum queues cannot be non-durable or auto-delete)")
+    return durable, queue_type
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -280,8 +301,9 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         amqp_uri = inject_amqp_credentials(amqp_uri, env.get("AMQP_USERNAME"), env.get("AMQP_PASSWORD"))
         validate_amqp_uri(amqp_uri)
     flags_bool = {}
-    for name in ("AMQP_DURABLE_QUEUE", "PRINT_REPORTS", "ENABLE_OPENFAAS"):
+    for name in ("PRINT_REPORTS", "ENABLE_OPENFAAS"):
         flags_bool[name] = parse_bool(name, env[name]) if name in env else False
+    durable, queue_type = parse_queue(env)
     structured = structured_logging_enabled(env)
     function_url_port, function_url_mode = function_url_settings(env, invoke_port, runtime_port)
 
@@ -302,7 +324,7 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         timeout=timeout, memory_size=memory, idle_timeout=idle, init_timeout=init_timeout,
         max_concurrency=max_conc, min_instances=min_inst, max_queued=max_queued,
         runtime_max_concurrency=runtime_conc,
-        amqp_uri=amqp_uri, amqp_durable=flags_bool["AMQP_DURABLE_QUEUE"],
+        amqp_uri=amqp_uri, amqp_durable=durable, amqp_queue_type=queue_type,
         print_reports=flags_bool["PRINT_REPORTS"], log_level=log_level, structured_logging=structured,
         enable_openfaas=flags_bool["ENABLE_OPENFAAS"],
         extensions_dir=env.get("LAMBDA_EXTENSIONS_DIR") or "/opt/extensions",

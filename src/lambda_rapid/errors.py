@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-SYNC_REQUEST_LIMIT = 6_291_456
-EVENT_REQUEST_LIMIT = 1_048_576
+SYNC_REQUEST_LIMIT = 6_291_456  # bytes of payload AWS takes for RequestResponse (and DryRun)
+EVENT_REQUEST_LIMIT = 1_048_576  # ... and for Event (invoke.contract.body_limit applies them)
 RESPONSE_LIMIT = 6_291_556
 STREAM_RESPONSE_LIMIT = 20_971_520  # AWS: streamed responses may be up to 20 MB
 _COMPACT = (",", ":")  # AWS writes its error bodies without spaces
@@ -41,6 +41,9 @@ REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "mes
 TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
 SERVICE = ApiError(503, "ServiceException", "Service", "Message")
 BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
+# By x-amzn-ErrorType, for a door that relays another's refusal (ServiceException: the 503 one).
+API_ERRORS = {e.code: e for e in (INVALID_REQUEST_CONTENT, INVALID_PARAMETER_VALUE, RESOURCE_NOT_FOUND,
+                                  REQUEST_TOO_LARGE, TOO_MANY_REQUESTS, SERVICE)}
 
 
 def throttled_body() -> bytes:
