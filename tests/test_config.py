@@ -216,6 +216,8 @@ def test_reload_settings(tmp_path):
     assert error_of(RELOAD_DIRS="/tmp") == "RELOAD_DIRS='/tmp' is set but RELOAD_ON_CHANGE is not true"
     assert error_of(RELOAD_ON_CHANGE="off") == "RELOAD_ON_CHANGE='off' is not a boolean (use true/false/1/0/yes/no)"
     assert load(RELOAD_DIRS="").reload_dirs == ()
+    with pytest.raises(cfg.ConfigError, match="would watch the whole file system"):
+        cfg.load(CMD, {**ENV, "RELOAD_ON_CHANGE": "true"}, cwd="/")
 
 
 def test_redact_uri():

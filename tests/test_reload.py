@@ -454,7 +454,12 @@ def test_a_retired_busy_instance_that_times_out_is_killed_once(harness):
     instance = h.launched[0]
     pool.next(Recorder(instance))
     assert pool.retire_all("reload") == 1 and not h.killed
-    h.loop.run_until_complete(asyncio.sleep(0.2))  # the invocation's own timeout fires
+
+    async def timed_out() -> None:  # the invocation's own timeout fires
+        while "slow" not in h.results:
+            await asyncio.sleep(0.01)
+
+    h.loop.run_until_complete(asyncio.wait_for(timed_out(), 10))
     assert h.results == {"slow": "timeout"} and h.killed == [instance]
     pool.instance_exited(instance, "signal: killed")
     assert pool.metrics.kills == {"reload": 1}

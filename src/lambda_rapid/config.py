@@ -349,6 +349,9 @@ def reload_settings(env: Mapping[str, str], cwd: str, task_root: str) -> tuple:
     watched = [os.path.abspath(task_root)]
     if not os.path.isdir(watched[0]):
         raise ConfigError(f"RELOAD_ON_CHANGE: the function's directory {task_root!r} is not a directory")
+    if watched[0] == os.path.abspath(os.sep):
+        raise ConfigError("RELOAD_ON_CHANGE would watch the whole file system (the function runs from /): "
+                          "start the daemon in the function's directory")
     for entry in dirs.split(":"):
         if not entry:
             continue
