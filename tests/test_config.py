@@ -216,6 +216,29 @@ def test_runtime_env():
     assert load(AWS_DEFAULT_REGION="ap-south-1").region == "ap-south-1"
 
 
+def test_reload_settings(tmp_path):
+    off = load()
+    assert off.reload_on_change is False and off.reload_dirs == ()
+    assert "PYTHONDONTWRITEBYTECODE" not in off.runtime_env
+    assert load(RELOAD_ON_CHANGE="false").reload_on_change is False
+    on = load(RELOAD_ON_CHANGE="true")
+    assert on.reload_on_change is True and on.reload_dirs == (str(ECHO_DIR),)  # the function's directory
+    # A .pyc is checked against its source's mtime in whole seconds: no stale bytecode after a quick edit.
+    assert on.runtime_env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert load(RELOAD_ON_CHANGE="1", PYTHONDONTWRITEBYTECODE="").runtime_env["PYTHONDONTWRITEBYTECODE"] == ""
+    (tmp_path / "lib").mkdir()
+    dirs = load(RELOAD_ON_CHANGE="yes", RELOAD_DIRS=f"{tmp_path / 'lib'}::{ECHO_DIR}:../echo-lambda:").reload_dirs
+    assert dirs == (str(ECHO_DIR), str(tmp_path / "lib"))  # relative to the daemon's directory, each once
+    assert error_of(RELOAD_ON_CHANGE="true", RELOAD_DIRS="/no/such") == "RELOAD_DIRS entry '/no/such' does not exist"
+    assert error_of(RELOAD_ON_CHANGE="true", RELOAD_DIRS="echo.py") == (
+        f"RELOAD_DIRS entry 'echo.py' ({ECHO_DIR / 'echo.py'}) is not a directory")
+    assert error_of(RELOAD_DIRS="/tmp") == "RELOAD_DIRS='/tmp' is set but RELOAD_ON_CHANGE is not true"
+    assert error_of(RELOAD_ON_CHANGE="off") == "RELOAD_ON_CHANGE='off' is not a boolean (use true/false/1/0/yes/no)"
+    assert load(RELOAD_DIRS="").reload_dirs == ()
+    with pytest.raises(cfg.ConfigError, match="would watch the whole file system"):
+        cfg.load(CMD, {**ENV, "RELOAD_ON_CHANGE": "true"}, cwd="/")
+
+
 def test_redact_uri():
     assert cfg.redact_uri("amqp://user:hunter2@host:5672/") == "amqp://user:xxxxx@host:5672/"
     assert cfg.redact_uri("amqp://host/") == "amqp://host/"

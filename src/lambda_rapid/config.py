@@ -72,6 +72,8 @@ class Config:
     extensions_dir: str = "/opt/extensions"
     function_url_port: Optional[int] = None  # the Function URL listener (on invoke_host); None: off
     function_url_invoke_mode: str = "BUFFERED"
+    reload_on_change: bool = False  # RELOAD_ON_CHANGE: replace the instances when the code changes
+    reload_dirs: tuple = ()  # what it watches (absolute): the function's directory, then RELOAD_DIRS
     # The environment each runtime instance starts from (the daemon's own, minus AMQP secrets,
     # plus the Lambda defaults; user-set values win). Per-instance values are added at spawn.
     runtime_env: Mapping[str, str] = field(default_factory=dict)
@@ -316,6 +318,11 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
 
     runtime_env = build_runtime_env(env, name=name, version=version, memory=memory, region=region,
                                     handler=handler, cwd=run_cwd)
+    reload_dirs = reload_settings(env, cwd, run_cwd)
+    if reload_dirs:
+        # A .pyc records its source's mtime in whole seconds (and its size): an edit within the
+        # second after an import could otherwise bring the old code back in the fresh instance.
+        runtime_env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return Config(
         command=command, handler=handler, cwd=run_cwd,
         invoke_host=invoke_host, invoke_port=invoke_port,
@@ -329,6 +336,7 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         enable_openfaas=flags_bool["ENABLE_OPENFAAS"],
         extensions_dir=env.get("LAMBDA_EXTENSIONS_DIR") or "/opt/extensions",
         function_url_port=function_url_port, function_url_invoke_mode=function_url_mode,
+        reload_on_change=bool(reload_dirs), reload_dirs=reload_dirs,
         runtime_env=runtime_env,
     )
 
@@ -350,6 +358,33 @@ def function_url_settings(env: Mapping[str, str], invoke_port: int, runtime_port
         raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={env['FUNCTION_URL_INVOKE_MODE']!r} is not an invoke mode "
                           f"(use {' or '.join(FUNCTION_URL_INVOKE_MODES)})")
     return port, mode
+
+
+def reload_settings(env: Mapping[str, str], cwd: str, task_root: str) -> tuple:
+    """The directories RELOAD_ON_CHANGE watches (the function's own, then RELOAD_DIRS, colon-separated,
+    relative ones from the daemon's working directory); () when it is off."""
+    dirs = env.get("RELOAD_DIRS") or ""
+    if "RELOAD_ON_CHANGE" not in env or not parse_bool("RELOAD_ON_CHANGE", env["RELOAD_ON_CHANGE"]):
+        if dirs:
+            raise ConfigError(f"RELOAD_DIRS={dirs!r} is set but RELOAD_ON_CHANGE is not true")
+        return ()
+    watched = [os.path.abspath(task_root)]
+    if not os.path.isdir(watched[0]):
+        raise ConfigError(f"RELOAD_ON_CHANGE: the function's directory {task_root!r} is not a directory")
+    if watched[0] == os.path.abspath(os.sep):
+        raise ConfigError("RELOAD_ON_CHANGE would watch the whole file system (the function runs from /): "
+                          "start the daemon in the function's directory")
+    for entry in dirs.split(":"):
+        if not entry:
+            continue
+        path = os.path.abspath(os.path.join(cwd, entry))
+        if not os.path.isdir(path):
+            where = "" if entry == path else f" ({path})"
+            missing = "does not exist" if not os.path.exists(path) else "is not a directory"
+            raise ConfigError(f"RELOAD_DIRS entry {entry!r}{where} {missing}")
+        if path not in watched:
+            watched.append(path)
+    return tuple(watched)
 
 
 def build_runtime_env(env: Mapping[str, str], *, name: str, version: str, memory: int, region: str,

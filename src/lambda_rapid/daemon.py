@@ -2,7 +2,8 @@
 then shut down gracefully (drain, stop the runtimes' process groups, exit 0).
 
 This is where lifecycles meet: the only place that starts listeners, installs signal handlers and
-starts the optional AMQP front door (imported only when ``AMQP_URI`` is set).
+starts the optional AMQP front door (imported only when ``AMQP_URI`` is set) and the optional code
+watcher (imported only when ``RELOAD_ON_CHANGE`` is on).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class Daemon:
         self.stopping: Optional[asyncio.Event] = None
         self.signals = 0
         self.amqp = None
+        self.reloader = None
+        if config.reload_on_change:
+            from .reload import Reloader, ReloadUnavailable  # only paid for when RELOAD_ON_CHANGE is on
+
+            try:
+                self.reloader = Reloader(self.pool, config.cwd, config.reload_dirs)
+            except ReloadUnavailable as e:
+                raise StartupError(str(e)) from None
 
     def ready(self) -> bool:
         if not self.pool.accepting:
@@ -156,6 +165,13 @@ class Daemon:
             log.info("AMQP-RPC on %s, queue %s", redact_uri(config.amqp_uri), config.function_name)
             self.amqp = AmqpRpc(self.pool, config)
             await self.amqp.start()
+        if self.reloader is not None:
+            from .reload import ReloadUnavailable
+
+            try:
+                await self.reloader.start()
+            except ReloadUnavailable as e:
+                raise StartupError(str(e)) from None
 
     async def run(self) -> int:
         self.stopping = asyncio.Event()
@@ -182,6 +198,8 @@ class Daemon:
     async def shutdown(self) -> None:
         pool = self.pool
         pool.accepting = False
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.amqp is not None:
             await self.amqp.stop_consuming()
         drain = self.loop.create_task(pool.drain(self.config.timeout + 1.0), name="drain")

@@ -129,6 +129,9 @@ class Pool:
         self.running: deque = deque()  # invocations in the order they were handed to a runtime
         self._run_timer: Optional[asyncio.TimerHandle] = None
         self._queue_timer: Optional[asyncio.TimerHandle] = None
+        # retire_all: instances told to stop that have not exited yet, and those of them still busy.
+        self._retired: set = set()
+        self._retiring: set = set()
 
     # ---- front doors ---------------------------------------------------------------------------
     def is_active(self, request_id: str) -> bool:
@@ -283,6 +286,9 @@ class Pool:
         instance = waiter.instance
         if instance.state in (FAILED, DEAD) or instance.kill_reason is not None:
             waiter.alive = False
+            if instance in self._retiring and not instance.held:
+                self._retiring.discard(instance)  # retired while busy: its work has ended
+                self.kill(instance, instance.kill_reason)
             return
         if instance.returning:
             instance.returning -= 1
@@ -529,6 +535,10 @@ class Pool:
         if instance.close is not None:
             instance.close()
         self._fill()
+        if instance in self._retired:
+            self._retired.discard(instance)
+            self._retiring.discard(instance)
+            self.spawn_to_minimum()  # its replacement, if MIN_INSTANCES wants one warm
         if self._drained is not None and not self.accepted:
             self._set_drained()
 
@@ -592,3 +602,32 @@ class Pool:
                 self.accepted.pop(inv.request_id, None)
                 self._reject(inv, REJECTED, errors.SERVICE, "The daemon is shutting down.")
 
+    # ---- replacing every instance --------------------------------------------------------------
+    def retire_all(self, reason: str) -> int:
+        """Replace every instance (the function's code changed): idle and starting ones stop now,
+        busy ones take no more work and stop once their invocations have ended; waiting and later
+        invocations get fresh instances, nothing accepted is refused or failed. Runtimes started by
+        hand are not ours to stop. Returns how many instances were told to stop."""
+        count = 0
+        for instance in list(self.instances):
+            if instance.state == DEAD or instance.kill_reason is not None:
+                continue
+            count += 1
+            self._retired.add(instance)
+            if instance.state == STARTING:
+                # Out of service, but not an init failure: no waiting invocation is answered for it,
+                # and its exit frees the slot for a fresh instance (instance_exited fills the queue).
+                instance.state = FAILED
+                self.starting -= 1
+                if instance.init_timer is not None:
+                    instance.init_timer.cancel()
+                    instance.init_timer = None
+            if instance.held:
+                # next() and _release give it no more work; next() stops it once it comes back idle.
+                instance.kill_reason = reason
+                self.metrics.kills[reason] = self.metrics.kills.get(reason, 0) + 1
+                self._forget_capacity(instance)
+                self._retiring.add(instance)
+            else:
+                self.kill(instance, reason)
+        return count

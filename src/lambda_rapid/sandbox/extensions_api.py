@@ -49,7 +49,7 @@ EVENTS = ("INVOKE", "SHUTDOWN")
 ACCEPTED = b'{"status":"OK"}'
 _JSON = b"content-type: application/json\r\n"
 # Why an instance is stopped (pool kill reason) -> AWS's SHUTDOWN reason.
-SHUTDOWN_REASONS = {"idle": "spindown", "shutdown": "spindown", "timeout": "timeout"}
+SHUTDOWN_REASONS = {"idle": "spindown", "shutdown": "spindown", "reload": "spindown", "timeout": "timeout"}
 INIT_REASONS = ("init_error", "init_timeout")
 RUNTIME_DONE_STATUS = {SUCCESS: "success", FUNCTION_ERROR: "error", TIMEOUT: "timeout", CRASH: "failure"}
 
