@@ -157,13 +157,14 @@ def parse_invoke(request: Request, raw_name: str, serves: Callable[[str, Optiona
 
 
 class InvokeApi:
-    def __init__(self, pool: Pool, config: Config, metrics: Optional[Callable[[], bytes]] = None) -> None:
+    def __init__(self, pool: Pool, config: Config, metrics: Optional[Callable[[], bytes]] = None,
+                 ready: Optional[Callable[[], bool]] = None) -> None:
         self.pool = pool
         self.config = config
         self.names = ("function", config.function_name)
         self.versions = ("$LATEST", config.function_version)
         self.metrics = metrics
-        self.ready: Callable[[], bool] = lambda: pool.accepting
+        self.ready: Callable[[], bool] = ready or (lambda: pool.accepting)
         self._ok_headers = _JSON + header("X-Amz-Executed-Version", config.function_version)
         self._stream_headers = (b"content-type: application/vnd.amazon.eventstream\r\n"
                                 + header("X-Amz-Executed-Version", config.function_version))

@@ -13,7 +13,7 @@ import signal
 import subprocess
 from typing import Callable, Dict, Optional, Sequence
 
-log = logging.getLogger("lambda_rapid.sandbox.process")
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
 MAX_PARTIAL_LINE = 65536
@@ -193,7 +193,7 @@ class ProcessManager:
         return child
 
     def signal_group(self, pgid: int, sig: int) -> None:
-        # Never signal our own group, init's or "all processes" (the Go daemon's pgid=0 bug).
+        # Never our own group, init's, or with pgid 0 (killpg(0) is the caller's own group: the daemon's).
         if pgid <= 1 or pgid == self.own_pgid:
             log.error("refusing to signal process group %d", pgid)
             return
