@@ -151,9 +151,11 @@ class Pool:
         """``inv``, held by a runtime, ends with ``result`` (it has been taken out of ``in_flight``)."""
         instance = inv.instance
         measured = inv.observed or inv.tail or self.reports
-        instance.held.pop(inv.request_id, None)
         if measured and instance.process is not None:
-            instance.process.read_output()  # lines the runtime printed before it answered
+            # The runtime wrote its last lines before it answered, but the loop may not have read them
+            # yet: read them now, while they are still this invocation's (Tail, REPORT order, telemetry).
+            instance.process.read_output()
+        instance.held.pop(inv.request_id, None)
         if instance.state is READY and not instance.external:
             instance.returning += 1
             self.returning += 1
