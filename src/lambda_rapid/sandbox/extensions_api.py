@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 from ..config import ACCOUNT_ID, Config
 from ..http.server import Request, header
-from ..instances import Instance, StopReason
+from ..instances import INIT_ERROR_GRACE, Instance, StopReason
 from ..invocation import is_uuid
 from . import platform_events
 from .environment import FAILED, GONE, READY, SHUTTING_DOWN, Extension
@@ -162,10 +162,12 @@ class ExtensionsApi:
             return self._forbidden(request, "Extension.InvalidExtensionState",
                                    f"State transition from Ready to InitError failed for extension {ext.name}. "
                                    f"Error: init has already completed")
+        # AWS answers, and the extension "should exit after it receives the response": the sandbox is
+        # torn down when it has exited or after INIT_ERROR_GRACE, never before the 202 is on its way.
         request.respond_json(202, ACCEPTED)
         kind = error_type if error_type.startswith("Extension.") else "Extension.InitError"
         self.lifecycle.fail_init(sandbox, kind, f"extension {ext.name} reported an init error: {error_type}"
-                                 + (f": {message}" if message else ""))
+                                 + (f": {message}" if message else ""), grace=INIT_ERROR_GRACE)
 
     def _exit_error(self, request: Request, instance: Instance) -> None:
         report = self._error_report(request, instance)
@@ -179,7 +181,7 @@ class ExtensionsApi:
             log.warning("%s", text)
         elif sandbox.initializing:
             kind = error_type if error_type.startswith("Extension.") else "Extension.ExitError"
-            self.lifecycle.fail_init(sandbox, kind, text)
+            self.lifecycle.fail_init(sandbox, kind, text, grace=INIT_ERROR_GRACE)
         elif sandbox.phase is READY:
             log.warning("instance #%d: %s; stopping the instance", sandbox.instance.number, text)
             sandbox.pool.fail_running(sandbox.instance, "Extension.ExitError", text, StopReason.EXTENSION_ERROR)

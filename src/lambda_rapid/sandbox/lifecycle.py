@@ -141,7 +141,10 @@ class SandboxLifecycle:
         if ext is not None:
             self._drop(ext)
         instance = sandbox.instance
-        if sandbox.phase is FAILED or sandbox.phase is SHUTTING_DOWN or instance.stop_reason is not None:
+        if sandbox.phase is FAILED:
+            # It reported why and exited, as AWS asks of an extension after init/error: tear down the rest.
+            sandbox.pool.kill(instance, StopReason.INIT_ERROR)
+        elif sandbox.phase is SHUTTING_DOWN or instance.stop_reason is not None:
             pass  # its instance is stopping anyway
         elif sandbox.initializing:
             self.fail_init(sandbox, "Extension.Crash", f"extension {name} exited before init completed: {status}")
