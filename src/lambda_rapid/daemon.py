@@ -126,6 +126,12 @@ class Daemon:
                 inv.add_log(data)
 
     def _runtime_exited(self, instance: Instance, status: str) -> None:
+        # What the runtime sent before it died (the last piece of a streamed response) is already
+        # in its sockets when its exit is seen, and the loop reads sockets ready in the same poll
+        # before it runs what is scheduled now: so the crash is handled once that is read.
+        self.loop.call_soon(self._runtime_gone, instance, status)
+
+    def _runtime_gone(self, instance: Instance, status: str) -> None:
         self.pool.instance_exited(instance, status)  # first: its invocations are answered with why
         self.sandboxes.runtime_exited(instance)
 
