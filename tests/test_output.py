@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import json
 import os
 import select
 import signal
+import subprocess
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
+from conftest import BIN, FUNCTIONS_DIR, RIC, daemon_env, free_port, wait_until
 from lambda_rapid import config as config_module
 from lambda_rapid.daemon import Daemon
 from lambda_rapid.http.server import HttpConnection
+from lambda_rapid.sandbox.process import OutputSink
 
 ID_HEADER = b"Lambda-Runtime-Aws-Request-Id: "
 
@@ -106,3 +112,84 @@ def test_tail_has_the_line_the_runtime_printed_just_before_answering(tmp_path):
             task.cancel()
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
+
+
+# ---- the daemon's stdout --------------------------------------------------------------------------
+
+def test_output_sink_never_blocks_and_counts_what_it_drops(caplog):
+    loop = asyncio.new_event_loop()
+    read_fd, write_fd = os.pipe()
+    try:
+        sink = OutputSink(loop, write_fd, limit=256 * 1024)
+        line = b"%07d" + b"x" * 1016 + b"\n"
+        began = time.monotonic()
+        for n in range(2000):  # 2 MB into a 64 KB pipe nobody reads
+            sink.write(line % n)
+        assert time.monotonic() - began < 5  # returned, did not wait for a reader
+        assert sink.pending_bytes <= 256 * 1024 + len(line)
+        assert sink.dropped_lines > 0 and sink.dropped_bytes == sink.dropped_lines * 1024
+        dropped = sink.dropped_lines
+        received = bytearray()
+
+        def read_some() -> None:
+            received.extend(os.read(read_fd, 1 << 20))
+
+        loop.add_reader(read_fd, read_some)
+        deadline = time.monotonic() + 10
+        while sink.pending and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.005))
+        loop.remove_reader(read_fd)
+        assert not sink.pending
+        assert f"{dropped} lines" in caplog.text  # said once it drained
+        lines = bytes(received).split(b"\n")[:-1]
+        assert len(lines) == 2000 - dropped
+        assert all(len(ln) == 1023 and ln.endswith(b"x" * 1016) for ln in lines)  # whole lines only
+        numbers = [int(ln[:7]) for ln in lines]
+        assert numbers == sorted(numbers) and numbers[0] == 0  # in order; the newest ones were dropped
+    finally:
+        loop.close()
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_daemon_whose_stdout_nobody_reads_keeps_answering(tmp_path):
+    """The daemon's stdout is a pipe that the test does not read for a while: invocations that print
+    more than the pipe and the daemon's buffer can hold are still answered, then what was dropped
+    is said on stderr once the test reads again."""
+    port, runtime_port = free_port(), free_port()
+    env = daemon_env(PORT=port, RUNTIME_API_PORT=runtime_port, AWS_LAMBDA_FUNCTION_TIMEOUT="30")
+    err = open(tmp_path / "stderr.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(BIN / "lambda-runtime-api-daemon"), *RIC, "handlers.flood"], cwd=FUNCTIONS_DIR,
+                            env=env, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
+
+    def invoke(mb: float) -> int:
+        req = urllib.request.Request(url, data=json.dumps({"mb": mb}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            return r.status
+
+    try:
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/_/health", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(up, 15, message="the daemon")
+        statuses = [invoke(2) for _ in range(4)]  # 8 MB printed; nobody reads the daemon's stdout
+        assert statuses == [200] * 4
+        with ThreadPoolExecutor(1) as pool:
+            drained = pool.submit(lambda: sum(len(c) for c in iter(lambda: proc.stdout.read1(1 << 20), b"")))
+            wait_until(lambda: b"were dropped" in (tmp_path / "stderr.log").read_bytes(), 30,
+                       message="the drop count on stderr")
+            assert invoke(0.01) == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert drained.result(15) > 64 * 1024
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        err.close()

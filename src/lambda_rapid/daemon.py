@@ -57,7 +57,7 @@ class Daemon:
         self.config = config
         self.loop = asyncio.get_event_loop()
         self.procs = ProcessManager(self.loop)
-        self.sink = OutputSink()
+        self.sink = OutputSink(self.loop)
         # The sandbox layer is built first: the pool calls it (its hooks and its killer); each
         # sandbox is given the pool when its instance is launched (_launch).
         self.sandboxes = SandboxLifecycle(config, self.loop, self.procs, self.sink.write)
@@ -206,6 +206,7 @@ class Daemon:
         self.runtime_http.close()
         self.invoke_http.close_connections()
         self.runtime_http.close_connections()
+        await self.sink.flush(1.0)
         log.info("stopped")
 
     async def _stop_instances(self) -> None:
