@@ -178,7 +178,7 @@ class Daemon:
         self.signals += 1
         if self.signals == 1:
             log.info("received %s: draining", signal.Signals(sig).name)
-            self.pool.accepting = False
+            self.pool.stop_accepting()
             assert self.stopping is not None
             self.stopping.set()
         else:
@@ -189,7 +189,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         pool = self.pool
-        pool.accepting = False
+        pool.stop_accepting()
         if self.amqp is not None:
             await self.amqp.stop_consuming()
         drain = self.loop.create_task(pool.drain(self.config.timeout + 1.0), name="drain")

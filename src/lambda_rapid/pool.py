@@ -293,10 +293,14 @@ class Pool:
         self._check_drained()
 
     # ---- shutdown ------------------------------------------------------------------------------
-    async def drain(self, deadline: float) -> None:
-        """Stop accepting, and wait (up to ``deadline`` seconds) for accepted invocations to end."""
+    def stop_accepting(self) -> None:
+        """New invocations get 503 from now on (the daemon is stopping)."""
         self.accepting = False
         self.instances.stop_idle_reaper()
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, and wait (up to ``deadline`` seconds) for accepted invocations to end."""
+        self.stop_accepting()
         if not self.accepted:
             return
         self._drained = self.loop.create_future()
