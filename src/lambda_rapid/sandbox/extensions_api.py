@@ -103,8 +103,7 @@ class ExtensionsApi:
                                      f"{MAX_EXTENSIONS} extensions are allowed")
             return
         ext = Extension(name, external, tuple(dict.fromkeys(events)), sandbox)
-        sandbox.extensions[name] = ext
-        self.lifecycle.by_id[ext.id] = ext
+        self.lifecycle.register(ext)
         log.info("%s: %s extension %s registered, subscribed to %s", sandbox.label(),
                  "external" if external else "internal", name, list(ext.events))
         platform_events.extension_registered(sandbox.telemetry, name, ext.events)

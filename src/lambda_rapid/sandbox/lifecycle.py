@@ -83,6 +83,11 @@ class SandboxLifecycle:
     def sandbox_of(self, instance: Instance) -> Optional[Sandbox]:
         return self.main if instance.external else self.sandboxes.get(instance)
 
+    def register(self, ext: Extension) -> None:
+        """A registration the Extensions API accepted: the extension is known from now on."""
+        ext.sandbox.extensions[ext.name] = ext
+        self.by_id[ext.id] = ext
+
     # ---- processes: launch, output, exits --------------------------------------------------------
     def launch(self, instance: Instance, runtime: Child, env: dict, log_stream: str, pool: PoolControl,
                release: Callable[[], None]) -> None:
