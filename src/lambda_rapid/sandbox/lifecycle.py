@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from .. import errors
 from ..config import Config
@@ -34,6 +34,9 @@ from . import platform_events
 from .environment import FAILED, GONE, INITIALIZING, READY, REGISTERING, SHUTTING_DOWN, Extension, Sandbox
 from .process import Child, ProcessManager
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from ..pool import Waiter
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ class SandboxLifecycle:
         sandbox.release()
 
     # ---- SandboxHooks ----------------------------------------------------------------------------
-    def hold_next(self, waiter) -> bool:
+    def hold_next(self, waiter: Waiter) -> bool:
         instance = waiter.instance
         if instance.external:
             return False
