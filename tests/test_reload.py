@@ -8,7 +8,6 @@ Every wait is a bounded poll on what the daemon says or answers. The pool's part
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -22,9 +21,6 @@ import pytest
 from amqp_support import AMQP_URI, RpcClient, broker_up, consumers, unique_name, wait_consumers
 from conftest import BIN, PYTHON, RIC, Proc, daemon_env, free_port, wait_until
 from extsupport import ExtLog, make_extensions_dir
-from lambda_rapid import config as config_module
-from lambda_rapid.invocation import Invocation
-from lambda_rapid.pool import DEAD, FAILED, READY, Instance, Pool, Waiter
 from single_file import bare_python, built_bin
 
 HANDLER = '''\
@@ -330,167 +326,42 @@ def test_single_file_build_says_to_install_watchfiles(function_dir):
     assert "RELOAD_ON_CHANGE=true needs the watchfiles package" in line and "pip install 'watchfiles==" in line, line
 
 
-# ---- Pool.retire_all in-process --------------------------------------------------------------------
+# ---- the reloader in-process (Pool.retire_all's rules are in test_pool_inprocess.py) ---------------
 
-class Recorder(Waiter):
-    __slots__ = ("got",)
+class PoolStandIn:
+    """What the reloader needs of the pool: whether it still accepts, and retire_all (recorded)."""
 
-    def __init__(self, instance: Instance) -> None:
-        super().__init__(instance)
-        self.got = []
+    def __init__(self) -> None:
+        self.accepting = True
+        self.retired = 0
 
-    def send(self, inv: Invocation) -> None:
-        self.got.append(inv)
-
-
-class Harness:
-    """A pool whose launcher and killer only record (no processes)."""
-
-    def __init__(self, **env) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.config = config_module.load([PYTHON, "-m", "awslambdaric", "app.handler"],
-                                         {"PATH": "/usr/bin", **{k: str(v) for k, v in env.items()}})
-        self.launched: list = []
-        self.killed: list = []
-        self.results: dict = {}
-        self.pool = Pool(self.config, self.launched.append, lambda instance, sig: self.killed.append(instance),
-                         lambda data: None)
-
-    def submit(self, request_id: str) -> Invocation:
-        inv = Invocation(request_id, b"{}", arn=self.config.function_arn,
-                         on_done=lambda i, r: self.results.__setitem__(i.request_id, r.outcome))
-        self.pool.submit(inv)
-        return inv
-
-    def close(self) -> None:
-        self.loop.close()
+    def retire_all(self) -> int:
+        self.retired += 1
+        return 0
 
 
-@pytest.fixture
-def harness():
-    made: list = []
-
-    def make(**env) -> Harness:
-        made.append(Harness(**env))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def test_retire_all_stops_idle_now_and_busy_after_its_invocation(harness):
-    h = harness(MAX_CONCURRENCY=3)
-    pool = h.pool
-    h.submit("busy")
-    busy = h.launched[0]
-    pool.next(Recorder(busy))
-    h.submit("quick")
-    idle = h.launched[1]
-    pool.next(Recorder(idle))
-    assert pool.respond("quick", b'"ok"')
-    pool.next(Recorder(idle))  # parked: idle
-    assert pool.retire_all("reload") == 2
-    assert h.killed == [idle] and busy.kill_reason == "reload" and busy.state == READY
-    pool.instance_exited(idle, "signal: killed")
-    # New work does not go to the retiring instance: a fresh one is started for it.
-    h.submit("later")
-    assert len(h.launched) == 3 and "later" not in busy.held
-    assert pool.respond("busy", b'"old"')
-    assert h.results["busy"] == "success" and h.killed == [idle]  # its invocation ended as usual
-    back = Recorder(busy)
-    pool.next(back)  # back for more work: it is stopped now, and gets none
-    assert h.killed == [idle, busy] and not back.alive and not back.got
-    pool.instance_exited(busy, "signal: killed")
-    fresh = Recorder(h.launched[2])
-    pool.next(fresh)
-    assert [i.request_id for i in fresh.got] == ["later"]
-    assert pool.metrics.kills == {"reload": 2} and pool.metrics.init_failures == 0
-    # The next reload finds the fresh one busy with "later": it too finishes first.
-    assert pool.retire_all("reload") == 1 and h.launched[2].kill_reason == "reload" and h.killed[-1] is busy
-
-
-def test_retire_all_replaces_a_starting_instance_without_failing_its_waiting_invocation(harness):
-    h = harness(MAX_CONCURRENCY=1)
-    pool = h.pool
-    h.submit("waiting")
-    starting = h.launched[0]
-    assert pool.retire_all("reload") == 1
-    assert starting.state == FAILED and h.killed == [starting] and pool.starting == 0
-    assert not h.results  # not answered with an init error
-    late = Recorder(starting)
-    pool.next(late)  # the old runtime reaching /next before the kill lands gets nothing
-    assert not late.alive and not late.got
-    pool.instance_exited(starting, "signal: killed")
-    assert starting.state == DEAD and len(h.launched) == 2
-    fresh = Recorder(h.launched[1])
-    pool.next(fresh)
-    assert [i.request_id for i in fresh.got] == ["waiting"]
-    assert pool.respond("waiting", b'"new"') and h.results == {"waiting": "success"}
-    assert pool.metrics.init_failures == 0
-
-
-def test_retire_all_keeps_min_instances_warm_and_leaves_runtimes_started_by_hand(harness):
-    h = harness(MIN_INSTANCES=1, MAX_CONCURRENCY=2)
-    pool = h.pool
-    pool.spawn_to_minimum()
-    warm = h.launched[0]
-    pool.next(Recorder(warm))
-    by_hand = Recorder(Instance(-1, external=True))
-    pool.next(by_hand)
-    assert pool.retire_all("reload") == 1 and h.killed == [warm]
-    assert len(h.launched) == 1  # the slot is still taken until the old one has exited
-    pool.instance_exited(warm, "signal: killed")
-    assert len(h.launched) == 2  # its replacement, warm before any invocation
-    h.submit("to-hand")  # the runtime started by hand was parked longest: it still gets work
-    assert [i.request_id for i in by_hand.got] == ["to-hand"]
-
-
-def test_a_retired_busy_instance_that_times_out_is_killed_once(harness):
-    h = harness(AWS_LAMBDA_FUNCTION_TIMEOUT=0.05)
-    pool = h.pool
-    h.submit("slow")
-    instance = h.launched[0]
-    pool.next(Recorder(instance))
-    assert pool.retire_all("reload") == 1 and not h.killed
-
-    async def timed_out() -> None:  # the invocation's own timeout fires
-        while "slow" not in h.results:
-            await asyncio.sleep(0.01)
-
-    h.loop.run_until_complete(asyncio.wait_for(timed_out(), 10))
-    assert h.results == {"slow": "timeout"} and h.killed == [instance]
-    pool.instance_exited(instance, "signal: killed")
-    assert pool.metrics.kills == {"reload": 1}
-    assert pool.retire_all("reload") == 0
-
-
-def test_reloader_names_files_relative_and_skips_files_that_came_and_went(harness, tmp_path, caplog):
+def test_reloader_names_files_relative_and_skips_files_that_came_and_went(tmp_path, caplog):
     from watchfiles import Change
 
     from lambda_rapid.reload import Reloader
 
     caplog.set_level("INFO", "lambda_rapid.reload")
-    h = harness()
-    calls: list = []
-    pool = h.pool
-    pool.retire_all = lambda reason: calls.append(reason) or 0
+    pool = PoolStandIn()
     reloader = Reloader(pool, str(tmp_path / "fn"), [str(tmp_path / "fn")])
     (tmp_path / "fn").mkdir()
     (tmp_path / "fn" / "app.py").write_text("")
     temp = str(tmp_path / "fn" / "sedX1b2c3")
     reloader.reload({(Change.added, temp), (Change.deleted, temp)})
-    assert calls == []  # only a temporary file: nothing to reload
+    assert pool.retired == 0  # only a temporary file: nothing to reload
     app = str(tmp_path / "fn" / "app.py")
     reloader.reload({(Change.added, temp), (Change.deleted, temp), (Change.deleted, app), (Change.added, app),
                      (Change.modified, str(tmp_path / "lib" / "helper.py"))})
-    assert calls == ["reload"]
+    assert pool.retired == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "lambda_rapid.reload"]
     assert lines == ["reload: ../lib/helper.py, app.py changed; replacing 0 instances"]
     (tmp_path / "fn" / "new-dir").mkdir()
     reloader.reload({(Change.added, str(tmp_path / "fn" / "new-dir"))})
-    assert calls == ["reload"]  # a new, empty directory is not a change of the code
+    assert pool.retired == 1  # a new, empty directory is not a change of the code
     pool.accepting = False  # shutting down: no more reloads
     reloader.reload({(Change.modified, app)})
-    assert calls == ["reload"]
+    assert pool.retired == 1

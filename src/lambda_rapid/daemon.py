@@ -20,13 +20,15 @@ from typing import Optional
 from . import metrics
 from .config import Config, redact_uri
 from .http.server import HttpServer
+from .instances import READY, Instance
 from .invoke.http_api import InvokeApi
-from .pool import Instance, Pool
+from .pool import Pool
 from .sandbox.extensions_api import ExtensionsApi
-from .sandbox.process import OutputSink, ProcessManager, peak_rss_of_group
+from .sandbox.lifecycle import SandboxLifecycle
+from .sandbox.process import Child, OutputSink, ProcessManager, peak_rss_of_group
 from .sandbox.runtime_api import RuntimeApi
 
-log = logging.getLogger("lambda_rapid.daemon")
+log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the runtimes at exit (AWS: 2 s for extensions)
 
@@ -35,17 +37,36 @@ class StartupError(Exception):
     pass
 
 
+class InstanceProcess:
+    """What the pool keeps of a launched instance: its runtime process."""
+
+    __slots__ = ("child", "pid")
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.pid = child.pid
+
+    def read_output(self) -> None:
+        self.child.read_available()
+
+    def peak_rss(self) -> int:
+        return peak_rss_of_group(self.pid)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop = asyncio.get_event_loop()
         self.procs = ProcessManager(self.loop)
-        self.sink = OutputSink()
-        self.pool = Pool(config, self._launch, self._signal_instance, self.sink.write)
-        self.runtime_api = RuntimeApi(self.pool, config)
-        self.extensions = ExtensionsApi(config, self.pool, self.runtime_api, self.procs, self.sink.write)
-        self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool))
-        self.invoke_api.ready = self.ready
+        self.sink = OutputSink(self.loop)
+        # The sandbox layer is built first: the pool calls it (its hooks and its killer); each
+        # sandbox is given the pool when its instance is launched (_launch).
+        self.sandboxes = SandboxLifecycle(config, self.loop, self.procs, self.sink.write)
+        self.pool = Pool(config, launcher=self._launch, killer=self.sandboxes.kill, output=self.sink.write,
+                         hooks=self.sandboxes)
+        self.extensions_api = ExtensionsApi(config, self.sandboxes)
+        self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes())
+        self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool), ready=self.ready)
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
         self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)
         self.function_url_http: Optional[HttpServer] = None
@@ -72,11 +93,10 @@ class Daemon:
     def ready(self) -> bool:
         if not self.pool.accepting:
             return False
-        warm = sum(1 for i in self.pool.instances if i.state == "ready")
-        return warm >= self.config.min_instances
+        return self.pool.instances.count(READY) >= self.config.min_instances
 
     # ---- instances ---------------------------------------------------------------------------
-    def _launch(self, instance: Instance) -> None:
+    def _launch(self, instance: Instance) -> InstanceProcess:
         """Start an instance: its own Runtime API listener, then its runtime process group."""
         family = socket.AF_INET6 if ":" in self.instance_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -89,20 +109,16 @@ class Daemon:
             host = f"[{self.instance_host}]" if family == socket.AF_INET6 else self.instance_host
             env["AWS_LAMBDA_RUNTIME_API"] = f"{host}:{port}"
             env["_INSTANCE"] = str(instance.number)
-            instance.log_stream = (time.strftime("%Y/%m/%d/", time.gmtime())
-                                   + f"[{self.config.function_version}]{os.urandom(16).hex()}")
-            env.setdefault("AWS_LAMBDA_LOG_STREAM_NAME", instance.log_stream)
+            log_stream = (time.strftime("%Y/%m/%d/", time.gmtime())
+                          + f"[{self.config.function_version}]{os.urandom(16).hex()}")
+            env.setdefault("AWS_LAMBDA_LOG_STREAM_NAME", log_stream)
             child = self.procs.spawn(
                 self.config.command, env, self.config.cwd,
                 on_output=lambda data: self._output(instance, data),
-                on_exit=lambda status: self.pool.instance_exited(instance, status))
+                on_exit=lambda status: self._runtime_exited(instance, status))
         except BaseException:
             sock.close()
             raise
-        instance.pid = child.pid
-        self.extensions.launch(instance, child, env)
-        instance.drain = child.read_available
-        instance.peak_rss = lambda: peak_rss_of_group(child.pid)
         log.info("started instance #%d: pid %d, runtime API %s", instance.number, child.pid,
                  env["AWS_LAMBDA_RUNTIME_API"])
         listening = self.loop.create_task(self.runtime_http.listen("", sock=sock, context=instance))
@@ -114,18 +130,25 @@ class Daemon:
                 listening.cancel()
                 sock.close()
 
-        instance.close = close
+        self.sandboxes.launch(instance, child, env, log_stream, self.pool, release=close)
+        return InstanceProcess(child)
 
     def _output(self, instance: Instance, data: bytes) -> None:
         self.sink.write(data)
-        self.extensions.function_output(instance, data)
+        self.sandboxes.function_output(instance, data)
         for inv in instance.held.values():
             if inv.log is not None:
                 inv.add_log(data)
 
-    def _signal_instance(self, instance: Instance, sig: int) -> None:
-        if instance.pid:
-            self.procs.signal_group(instance.pid, sig)
+    def _runtime_exited(self, instance: Instance, status: str) -> None:
+        # What the runtime sent before it died (the last piece of a streamed response) is already
+        # in its sockets when its exit is seen, and the loop reads sockets ready in the same poll
+        # before it runs what is scheduled now: so the crash is handled once that is read.
+        self.loop.call_soon(self._runtime_gone, instance, status)
+
+    def _runtime_gone(self, instance: Instance, status: str) -> None:
+        self.pool.instance_exited(instance, status)  # first: its invocations are answered with why
+        self.sandboxes.runtime_exited(instance)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,8 +177,8 @@ class Daemon:
                  "Runtime API on %s:%d", config.function_name, config.function_version, config.timeout,
                  config.max_concurrency, config.invoke_host, config.invoke_port, config.runtime_host,
                  config.runtime_port)
-        self.pool.start_idle_reaper()
-        self.pool.spawn_to_minimum()
+        self.pool.instances.start_idle_reaper()
+        self.pool.instances.spawn_to_minimum()
         # Everything built so far lives as long as the daemon: keep it out of the collector's way.
         gc.collect()
         gc.freeze()
@@ -186,7 +209,7 @@ class Daemon:
         self.signals += 1
         if self.signals == 1:
             log.info("received %s: draining", signal.Signals(sig).name)
-            self.pool.accepting = False
+            self.pool.stop_accepting()
             assert self.stopping is not None
             self.stopping.set()
         else:
@@ -197,7 +220,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         pool = self.pool
-        pool.accepting = False
+        pool.stop_accepting()
         if self.reloader is not None:
             await self.reloader.stop()
         if self.amqp is not None:
@@ -213,19 +236,18 @@ class Daemon:
         self.invoke_http.close()
         if self.function_url_http is not None:
             self.function_url_http.close()
-        await self.extensions.shutdown()
+        await self.sandboxes.shutdown()
         await self._stop_instances()
         self.runtime_http.close()
         self.invoke_http.close_connections()
         if self.function_url_http is not None:
             self.function_url_http.close_connections()
         self.runtime_http.close_connections()
+        await self.sink.flush(1.0)
         log.info("stopped")
 
     async def _stop_instances(self) -> None:
-        instances = [i for i in self.pool.instances if i.pid]
-        for instance in instances:
-            instance.kill_reason = instance.kill_reason or "shutdown"
+        for instance in self.pool.instances.stop_all():
             self.procs.signal_group(instance.pid, signal.SIGTERM)
         deadline = self.loop.time() + (0.5 if self.signals > 1 else SHUTDOWN_GRACE)
         while self.procs.children and self.loop.time() < deadline:

@@ -63,7 +63,8 @@ class Invocation:
 
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
-                 "queued_at", "started_at", "log", "on_chunk", "stream_content_type")
+                 "queued_at", "started_at", "log", "on_chunk", "stream_content_type", "observed",
+                 "init_duration_ms")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
@@ -87,6 +88,8 @@ class Invocation:
         # Set by a front door that streams the response: gets the bytes a runtime streams, as they come.
         self.on_chunk: Optional[Callable[[bytes], None]] = None
         self.stream_content_type: Optional[str] = None  # the Content-Type of the runtime's streamed /response
+        self.observed = False  # the sandbox asked for this invocation's Report (telemetry subscribers)
+        self.init_duration_ms: Optional[float] = None  # the init of its instance, if it is the first one
 
     @property
     def is_event(self) -> bool:

@@ -21,7 +21,6 @@ from .pool import Pool
 
 log = logging.getLogger("lambda_rapid.reload")
 
-KILL_REASON = "reload"  # the pool's kill reason (a label of lambda_instance_kills_total)
 NAMED_FILES = 10  # changed files named in the reload line; the rest are counted
 STOP_TIMEOUT = 2.0  # seconds to wait for the watcher at shutdown (its thread checks for stop every 50 ms)
 # What pyproject.toml pins for this Python (1.3.0 needs 3.10).
@@ -93,7 +92,7 @@ class Reloader:
         shown = ", ".join(names[:NAMED_FILES])
         if len(names) > NAMED_FILES:
             shown += f" and {len(names) - NAMED_FILES} more"
-        count = self.pool.retire_all(KILL_REASON)
+        count = self.pool.retire_all()
         log.info("reload: %s changed; replacing %d instance%s", shown, count, "" if count == 1 else "s")
 
     async def stop(self) -> None:

@@ -4,7 +4,7 @@
 rec-*        registers for INVOKE and SHUTDOWN and records every event
 silent-*     never registers (sleeps)
 crash-*      exits with status 3 before registering
-initerr-*    registers, then posts /extension/init/error
+initerr-*    registers, posts /extension/init/error, reads the answer 0.1 s later, records it, exits
 probe-*      tries every misuse of the API, records the answers, then behaves like rec-*
 many-*       registers 11 extensions under made-up names (the 11th must be refused)
 telemetry-*  like rec-*, and subscribes to the Telemetry API (logs-*: to the Logs API); records what it gets
@@ -16,6 +16,7 @@ busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its 
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
 """
+import http.client
 import json
 import os
 import socket
@@ -204,12 +205,14 @@ def main():
     record("registered", status=status, body=json.loads(body), id=ident)
     print(f"[{NAME}] registered", flush=True)
     if KIND == "initerr":
-        status, _, body = call("POST", "/2020-01-01/extension/init/error",
-                               {"errorMessage": "missing API key", "errorType": "Extension.ConfigInvalid"},
-                               {"Lambda-Extension-Identifier": ident,
-                                "Lambda-Extension-Function-Error-Type": "Extension.ConfigInvalid"})
-        record("init_error", status=status)
-        time.sleep(3600)
+        conn = http.client.HTTPConnection(API, timeout=30)
+        conn.request("POST", "/2020-01-01/extension/init/error",
+                     json.dumps({"errorMessage": "missing API key", "errorType": "Extension.ConfigInvalid"}),
+                     {"Lambda-Extension-Identifier": ident,
+                      "Lambda-Extension-Function-Error-Type": "Extension.ConfigInvalid"})
+        time.sleep(0.1)  # it reads the answer a little later, as a busy extension may
+        record("init_error", status=conn.getresponse().status)
+        sys.exit(0)  # AWS: the extension should exit after it receives the response
     if KIND in ("telemetry", "logs", "stall", "deaf", "tcp"):
         subscribe(ident)
     event_loop(ident)

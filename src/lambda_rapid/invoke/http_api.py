@@ -37,7 +37,7 @@ class InvokeApi:
         self.arn = config.function_arn
         self.retry_after = header(contract.RETRY_AFTER, contract.retry_after(config.timeout))
         self.metrics = metrics
-        self.ready: Callable[[], bool] = ready if ready is not None else (lambda: pool.accepting)
+        self.ready: Callable[[], bool] = ready or (lambda: pool.accepting)
         version = header(contract.EXECUTED_VERSION, config.function_version)
         self._ok_headers = _JSON + version
         self._stream_headers = b"content-type: application/vnd.amazon.eventstream\r\n" + version

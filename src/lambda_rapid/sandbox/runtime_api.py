@@ -3,7 +3,8 @@
 Thin: it turns HTTP requests into pool calls and pool events into HTTP responses. Which instance a
 call comes from is known from the listener it arrived on (each spawned instance gets its own
 ``AWS_LAMBDA_RUNTIME_API`` port); calls on the main port come from runtimes started by hand.
-Other APIs on the same port (Extensions, Telemetry) register themselves in ``routes``.
+Other APIs served on the same port (Extensions, Telemetry) are given as ``routes`` when it is built.
+Reference: https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 from .. import errors
 from ..config import Config
 from ..http.server import Request, header
+from ..instances import Instance
 from ..invocation import Invocation
-from ..pool import Instance, Pool, Waiter
+from ..pool import Pool, Waiter
 
-log = logging.getLogger("lambda_rapid.sandbox.runtime_api")
+log = logging.getLogger(__name__)
+Route = Callable[[Request, Instance], None]
 
 PREFIX = "/2018-06-01/runtime/"
 INVOCATION = PREFIX + "invocation/"
@@ -57,15 +60,13 @@ class NextRequest(Waiter):
 
 
 class RuntimeApi:
-    def __init__(self, pool: Pool, config: Config) -> None:
+    def __init__(self, pool: Pool, config: Config, routes: Optional[Mapping[str, Route]] = None) -> None:
         self.pool = pool
         self.config = config
         self.arn = config.function_arn
         self._external = 0
         # Other APIs served on this port: path prefix -> handler(request, instance).
-        self.routes: Dict[str, Callable[[Request, Instance], None]] = {}
-        # Holds a runtime's /next while its extensions are not ready (returns True: it calls pool.next later).
-        self.next_gate: Optional[Callable[[Waiter, Request], bool]] = None
+        self.routes: Dict[str, Route] = dict(routes or {})
         self.arn_header = header("Lambda-Runtime-Invoked-Function-Arn", self.arn)
 
     # ---- HttpServer application interface ----------------------------------------------------
@@ -127,9 +128,6 @@ class RuntimeApi:
     def _next(self, request: Request) -> None:
         waiter = NextRequest(self, self.instance_of(request), request)
         request.on_abandon = waiter.gone
-        gate = self.next_gate
-        if gate is not None and gate(waiter, request):
-            return
         self.pool.next(waiter)
 
     def _result(self, request: Request, request_id: str, action: str) -> None:

@@ -18,7 +18,7 @@ import urllib.parse
 from collections import deque
 from typing import Dict, Optional
 
-log = logging.getLogger("lambda_rapid.sandbox.telemetry")
+log = logging.getLogger(__name__)
 
 TELEMETRY_SCHEMAS = ("2022-07-01", "2022-12-13", "2025-01-29")
 STREAMS = ("platform", "function", "extension")

@@ -1,0 +1,84 @@
+"""The ``platform.*`` events of the Telemetry API (and their Logs API shapes), built from what the
+sandbox and the pool know. Record shapes follow AWS's Telemetry API schema reference:
+https://docs.aws.amazon.com/lambda/latest/dg/telemetry-schema-reference.html
+
+Pure construction and emission: when each event happens is lifecycle.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from ..config import Config
+from ..invocation import CRASH, FUNCTION_ERROR, SUCCESS, TIMEOUT, Invocation, Result
+from ..reports import Report
+from .telemetry import Telemetry
+
+PLATFORM = "platform"
+RUNTIME_DONE_STATUS = {SUCCESS: "success", FUNCTION_ERROR: "error", TIMEOUT: "timeout", CRASH: "failure"}
+
+
+def init_start(telemetry: Telemetry, config: Config, instance_id: str) -> None:
+    telemetry.emit(PLATFORM, "platform.initStart", {
+        "initializationType": "on-demand", "phase": "init", "functionName": config.function_name,
+        "functionVersion": config.function_version, "instanceId": instance_id,
+        "instanceMaxMemory": config.memory_size})
+
+
+def init_done(telemetry: Telemetry, duration_ms: float) -> None:
+    telemetry.emit(PLATFORM, "platform.initRuntimeDone",
+                   {"initializationType": "on-demand", "phase": "init", "status": "success"})
+    telemetry.emit(PLATFORM, "platform.initReport", {
+        "initializationType": "on-demand", "phase": "init", "status": "success",
+        "metrics": {"durationMs": round(duration_ms, 3)}})
+
+
+def init_failed(telemetry: Telemetry, status: str, error_type: str) -> None:
+    """``status``: ``failure`` or ``timeout``."""
+    telemetry.emit(PLATFORM, "platform.initRuntimeDone", {
+        "initializationType": "on-demand", "phase": "init", "status": status, "errorType": error_type})
+
+
+def extension_registered(telemetry: Telemetry, name: str, events: tuple) -> None:
+    record = {"name": name, "state": "Ready", "events": list(events)}
+    telemetry.emit(PLATFORM, "platform.extension", record, legacy=("platform.extension", record))
+
+
+def invocation_started(telemetry: Telemetry, inv: Invocation, version: str) -> None:
+    tracing = {"type": "X-Amzn-Trace-Id", "value": inv.trace_id}
+    telemetry.emit(PLATFORM, "platform.start", {"requestId": inv.request_id, "version": version, "tracing": tracing},
+                   legacy=("platform.start", {"requestId": inv.request_id, "version": version}))
+
+
+def invocation_ended(telemetry: Telemetry, inv: Invocation, result: Result, report: Report) -> None:
+    """``platform.runtimeDone``, ``platform.report`` (the same figures as the REPORT line) and the Logs
+    API's ``platform.end``."""
+    status = RUNTIME_DONE_STATUS.get(result.outcome, "failure")
+    tracing = {"type": "X-Amzn-Trace-Id", "value": inv.trace_id}
+    done = {"requestId": inv.request_id, "status": status, "tracing": tracing,
+            "metrics": {"durationMs": round(report.duration_ms, 3), "producedBytes": len(result.body)}}
+    error_type = _error_type(result) if result.function_error else None
+    if error_type:
+        done["errorType"] = error_type
+    telemetry.emit(PLATFORM, "platform.runtimeDone", done,
+                   legacy=("platform.runtimeDone", {"requestId": inv.request_id, "status": status}))
+    metrics = {"durationMs": round(report.duration_ms, 3), "billedDurationMs": report.billed_duration_ms,
+               "memorySizeMB": report.memory_size_mb, "maxMemoryUsedMB": report.max_memory_used_mb or 0}
+    if report.init_duration_ms is not None:
+        metrics["initDurationMs"] = round(report.init_duration_ms, 3)
+    record = {"requestId": inv.request_id, "status": status, "metrics": metrics, "tracing": tracing}
+    if error_type:
+        record["errorType"] = error_type
+    telemetry.emit(PLATFORM, "platform.report", record,
+                   legacy=("platform.report", {"requestId": inv.request_id, "metrics": metrics}))
+    telemetry.emit(PLATFORM, "platform.end", None, legacy=("platform.end", {"requestId": inv.request_id}),
+                   only_legacy=True)
+
+
+def _error_type(result: Result) -> Optional[str]:
+    try:
+        error_type = json.loads(result.body).get("errorType")
+    except (ValueError, AttributeError):
+        return None
+    return error_type if isinstance(error_type, str) and error_type else None
