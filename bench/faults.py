@@ -195,14 +195,18 @@ class Cleanup:
         return c
 
     def run(self) -> None:
-        if self.broker_stopped:
+        for attempt in range(3):
+            if not self.broker_stopped:
+                break
             log("starting the broker again (rabbitmqctl start_app)")
             try:
-                rabbitmqctl("start_app")
-                rabbitmqctl("await_startup")
-                self.broker_stopped = False
-            except Exception as e:
-                log(f"!! could not start the broker again: {e}; run `rabbitmqctl start_app` by hand")
+                start_broker()
+            except Exception as e:  # e.g. a stop_app still under way in another thread
+                log(f"!! could not start the broker again: {e}")
+                if attempt == 2:
+                    log("!! run `rabbitmqctl start_app` by hand")
+                else:
+                    time.sleep(3)
         for c in reversed(self.children):
             c.kill()
         self.children.clear()
@@ -1601,10 +1605,33 @@ def main(argv: Optional[list] = None) -> int:
     random.seed()
     try:
         loop = new_event_loop()
+        main_task = loop.create_task(run_async(ctx, selected, report["results"]))
+        interrupted: list = []
+
+        def on_loop_signal() -> None:
+            # Cancel the scenario so that its finally blocks run (start a stopped broker, bring a
+            # link up); a second signal does not cut that short. CLEANUP.run() does the rest.
+            if not interrupted:
+                log("interrupted: cleaning up")
+                main_task.cancel()
+            interrupted.append(True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_loop_signal)
         try:
-            loop.run_until_complete(run_async(ctx, selected, report["results"]))
+            loop.run_until_complete(main_task)
+        except asyncio.CancelledError:
+            pass
         finally:
+            rest = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             loop.close()
+        if interrupted:
+            raise KeyboardInterrupt()
         if "fuzz" in selected:
             log("fuzz ...")
             try:
@@ -1612,7 +1639,6 @@ def main(argv: Optional[list] = None) -> int:
             except Exception as e:
                 report["results"]["fuzz"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     except KeyboardInterrupt:
-        log("interrupted: cleaning up")
         return 130
     finally:
         CLEANUP.run()
