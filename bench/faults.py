@@ -1508,6 +1508,9 @@ def summary_line(name: str, s: dict) -> str:
     if name == "drain":
         return (f"{s['answered_200_before_signal']} before, after {s['after_signal']}, "
                 f"{s['empty_replies']} empty replies")
+    if name == "fuzz" and "harnesses" in s:
+        return "; ".join(f"{h['target']}: {h['inputs_tried']:,} inputs, {h['crashes']} crashes, {h['findings']} kinds "
+                         f"of broken invariant" for h in s["harnesses"])
     if "variants" in s:
         parts = []
         for v in s["variants"]:
@@ -1564,6 +1567,15 @@ def parse_args(argv: list) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
     return args
+
+
+async def cancel_the_rest() -> None:
+    """Cancel every task still running but this one, and let them unwind (bounded)."""
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=120)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -1623,10 +1635,7 @@ def main(argv: Optional[list] = None) -> int:
         except asyncio.CancelledError:
             pass
         finally:
-            rest = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in rest:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(cancel_the_rest())
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.close()

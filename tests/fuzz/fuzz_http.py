@@ -9,8 +9,9 @@ once, or pieces of 1-64 bytes); the rest is what a client sends.
 A crash is an exception escaping the connection or an error the server logs (its code raised in
 a parser callback). A finding (recorded, see harness.py, and fuzzing goes on) is a broken invariant:
 every answer well-formed and complete, answers in request order, exactly one answer per request
-handled while the connection was open, at most one refusal (4xx/5xx with ``connection: close``,
-last), nothing written after close, no request handed over with both Content-Length and
+handled while the connection was open, no request handed over once the connection is closed (after
+a ``connection: close`` answer), at most one refusal (4xx/5xx with ``connection: close``, last),
+nothing written after close, no request handed over with both Content-Length and
 Transfer-Encoding (the request-smuggling shape; trailer fields count, as they end up in the same
 headers), bodies of the length announced.
 
@@ -117,6 +118,8 @@ class App:
 def check_request(request) -> list:
     headers = request.headers
     problems = []
+    if request.conn.closed:
+        problems.append("request handed over after the connection was closed")
     if not TOKEN.match(request.method):
         problems.append(f"method {request.method!r} handled")
     if "content-length" in headers and "transfer-encoding" in headers:
