@@ -762,6 +762,11 @@ class AmqpLoad:
             try:
                 result = await asyncio.wait_for(
                     channel.basic_publish(body, routing_key=self.queue, properties=props, mandatory=True), 10)
+            except aiormq.exceptions.PublishError:  # returned: no queue of that name (aiormq raises it)
+                req.state = "returned"
+                self.waiters.pop(rid, None)
+                await asyncio.sleep(0.05)
+                continue
             except Exception:
                 req.state = "unconfirmed"
                 self.waiters.pop(rid, None)
@@ -775,7 +780,7 @@ class AmqpLoad:
                     pass
             else:
                 req.state = "returned" if isinstance(result, aiormq.abc.DeliveredMessage) else "nacked"
-                await asyncio.sleep(0.05)  # no queue to take it: don't spin
+                await asyncio.sleep(0.05)  # refused: don't spin
             self.waiters.pop(rid, None)
 
     async def finish(self, grace: float) -> None:
