@@ -943,8 +943,16 @@ async def delete_queues(names: list) -> None:
 
 
 def list_queues() -> dict:
-    """name -> (type, durable, auto_delete) for every queue on the broker."""
-    out = rabbitmqctl("-q", "list_queues", "name", "type", "durable", "auto_delete", "--no-table-headers")
+    """name -> (type, durable, auto_delete) for every queue on the broker (which may be restarting:
+    it is shared, and others test outages too)."""
+    for attempt in range(10):
+        try:
+            out = rabbitmqctl("-q", "list_queues", "name", "type", "durable", "auto_delete", "--no-table-headers")
+            break
+        except RuntimeError:
+            if attempt == 9:
+                raise
+            time.sleep(3)
     queues = {}
     for line in out.splitlines():
         parts = line.split()
@@ -1311,6 +1319,16 @@ class Context:
         self.extra_candidates = [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.queue_setting]
 
 
+# Connections the AMQP client of each scenario makes when nothing else touches the broker: more
+# means the shared broker went away during the run (someone else's outage), and its figures show that.
+EXPECTED_CLIENT_CONNECTIONS = {"outage": 2, "sigkill": 1, "partition": 1}
+
+
+def disturbed(name: str, v: dict) -> bool:
+    figures = v.get("amqp_rpc", v)
+    return figures.get("client_connections", 0) > EXPECTED_CLIENT_CONNECTIONS.get(name, 1)
+
+
 def targets(results: dict) -> list:
     """(target, met, figure) for each of issue 11's "done when" figures that this run measured."""
     checks = []
@@ -1336,6 +1354,10 @@ def targets(results: dict) -> list:
             continue
         for v in s["variants"]:
             figures = v.get("amqp_rpc", v)
+            if disturbed(name, v):
+                checks.append((f"{name} [{v['queue']}]: the shared broker stayed up but for our own faults", False,
+                               f"the client had to reconnect {figures['client_connections'] - 1} time(s): someone "
+                               f"else restarted the broker during the run; run it again"))
             same = figures["duplicate_runs_same_daemon"]
             checks.append((f"{name} [{v['queue']}]: 0 duplicate runs within one daemon", same == 0,
                            f"{same} (of {figures['duplicate_runs']} duplicate runs)"))
@@ -1375,6 +1397,12 @@ def machine() -> dict:
     return {"revision": rev.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uptime": uptime, "cpus": os.cpu_count(),
             "python": sys.version.split()[0]}
+
+
+def label(name: str, v: dict) -> str:
+    """A queue type as a table shows it: recommended, and whether someone else's outage spoiled it."""
+    text = v["queue"] + (" (recommended)" if v["recommended"] else "")
+    return text + (" **disturbed: the broker restarted during the run**" if disturbed(name, v) else "")
 
 
 def markdown(report: dict) -> str:
@@ -1423,7 +1451,7 @@ def markdown(report: dict) -> str:
         for v in s["variants"]:
             a, h = v["amqp_rpc"], v["lambda_server"]
             answers = ", ".join(f"{k}: {n}" for k, n in sorted(h["answers"].items()))
-            out.append(f"| {v['queue']}{' (recommended)' if v['recommended'] else ''} (`{v['setting']}`) | "
+            out.append(f"| {label('outage', v)} (`{v['setting']}`) | "
                        f"{a['confirmed']} / {a['confirmed_never_answered']} | {a['duplicate_runs']} "
                        f"({a['duplicate_runs_same_daemon']}) | {a['duplicate_replies']} | {a['recover_s']} | "
                        f"{h['sent']} / {h['no_answer']} / {answers} | {h['duplicate_runs']} | {h['recover_s']} |")
@@ -1434,7 +1462,7 @@ def markdown(report: dict) -> str:
                 "| duplicate replies | longest wait s | processes of the killed daemon left |",
                 "|---|---|---|---|---|---|"]
         for v in s["variants"]:
-            out.append(f"| {v['queue']}{' (recommended)' if v['recommended'] else ''} | {v['confirmed']} / "
+            out.append(f"| {label('sigkill', v)} | {v['confirmed']} / "
                        f"{v['confirmed_never_answered']} | {v['duplicate_runs']} ({v['duplicate_runs_same_daemon']}) | "
                        f"{v['duplicate_replies']} | {v['takeover_s']} | {v['killed_daemon_processes_left']} |")
         out.append("")
@@ -1446,7 +1474,7 @@ def markdown(report: dict) -> str:
                 "|---|---|---|---|---|---|---|---|"]
         for v in s["variants"]:
             d = v["http_during_cut"]
-            out.append(f"| {v['queue']}{' (recommended)' if v['recommended'] else ''} | {v['confirmed']} / "
+            out.append(f"| {label('partition', v)} | {v['confirmed']} / "
                        f"{v['confirmed_never_answered']} | {v['duplicate_runs']} ({v['duplicate_runs_same_daemon']}) | "
                        f"{v['duplicate_replies']} | {v['recover_s']} | {'yes' if v['daemon_restarted'] else 'no'} | "
                        f"{v['broker_connections_made']} | {d['answered_200']}/{d['sent']} |")
@@ -1522,7 +1550,8 @@ def summary_line(name: str, s: dict) -> str:
             f = v.get("amqp_rpc", v)
             parts.append(f"[{v['queue']}] lost {f['confirmed_never_answered']}/{f['confirmed']}, dup runs "
                          f"{f['duplicate_runs']} (same daemon {f['duplicate_runs_same_daemon']}), dup replies "
-                         f"{f['duplicate_replies']}")
+                         f"{f['duplicate_replies']}" + (" (DISTURBED: broker restarted by someone else)"
+                                                        if disturbed(name, v) else ""))
         return "; ".join(parts)
     return json.dumps(s)[:300]
 

@@ -1,13 +1,15 @@
-"""atheris harness: the Invoke API's request validation (lambda_rapid/invoke/http_api.py).
+"""atheris harness: the Invoke API's request validation (lambda_rapid/invoke/contract.py, or
+``parse_invoke`` in invoke/http_api.py before the contract had a module of its own).
 
 Each input is turned (FuzzedDataProvider) into what the Invoke API sees of a request: the path
 (the invoke routes, or anything), the query (``Qualifier=``), the headers it reads
 (``X-Amz-Invocation-Type``, ``X-Amz-Log-Type``, ``X-Amz-Client-Context``, ``X-Amzn-Trace-Id``,
-``Amz-Sdk-Invocation-Id``), each absent, valid or arbitrary, and the body. It goes through
-``function_in_path``, ``request_id_for`` and ``parse_invoke`` as ``InvokeApi.invoke`` calls them,
-for a daemon serving ``function`` / ``fuzz-fn`` at ``$LATEST`` and version 7.
+``Amz-Sdk-Invocation-Id``), each absent, valid or arbitrary, and the body. It goes through the
+route match, the request-id rule and the validation as ``InvokeApi.invoke`` calls them, for a
+daemon serving ``function`` / ``fuzz-fn`` at ``$LATEST`` and version 7.
 
-A crash is any exception other than the two refusals (``InvalidInvoke``, ``UnknownFunction``). A
+A crash is any exception other than a refusal (``contract.Refusal``; formerly ``InvalidInvoke`` or
+``UnknownFunction``). A
 finding (see harness.py) is an accepted call that breaks the contract: a name or qualifier not
 served, a payload that is not JSON, a client context that is not a JSON object, an invocation or
 log type not allowed, a refusal whose AWS error is not a 400/413 with a JSON body, a request id
@@ -36,10 +38,49 @@ VERSIONS = ("$LATEST", "7")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def load():
-    from lambda_rapid.invoke import http_api
+class Contract:
+    """The same few calls over either layout of the code."""
 
-    return http_api
+    def __init__(self) -> None:
+        try:
+            from lambda_rapid.invoke import contract
+        except ImportError:
+            contract = None
+        from lambda_rapid.invoke import http_api
+
+        self.contract = contract
+        self.http_api = http_api
+        source = contract or http_api
+        self.PREFIX, self.SUFFIX = source.PREFIX, source.SUFFIX
+        self.STREAM_PREFIX, self.STREAM_SUFFIX = source.STREAM_PREFIX, source.STREAM_SUFFIX
+        self.INVOCATION_TYPES, self.STREAM_INVOCATION_TYPES = source.INVOCATION_TYPES, source.STREAM_INVOCATION_TYPES
+        self.function_in_path = source.function_in_path
+        self.refusals = (contract.Refusal,) if contract else (http_api.InvalidInvoke,)
+        self.not_found = () if contract else (http_api.UnknownFunction,)
+
+    def request_id(self, headers: dict) -> str:
+        if self.contract:
+            return self.contract.request_id(headers.get("amz-sdk-invocation-id"), lambda _rid: False)
+        return self.http_api.request_id_for(headers, lambda _rid: False)
+
+    def parse(self, request, raw: str, serves, allowed: tuple):
+        if self.contract:
+            return self.contract.parse_http(request.headers, raw, request.query, request.body, request.too_large,
+                                            serves=serves, region="us-east-1", allowed=allowed)
+        return self.http_api.parse_invoke(request, raw, serves, allowed)
+
+    def targets(self) -> list:
+        if self.contract:
+            c = self.contract
+            return [c.parse, c.parse_http, c.parse_function_name, c.function_in_path, c.decode_client_context,
+                    c.request_id, c.body_limit]
+        h = self.http_api
+        return [h.parse_invoke, h.parse_function_name, h.function_in_path, h.decode_client_context,
+                h.request_id_for, h.invoke_body_limit]
+
+
+def load():
+    return Contract()
 
 
 class FakeRequest:
@@ -69,7 +110,7 @@ def header_text(text: str) -> str:
     return text.encode("utf-8", "replace").decode("latin-1").replace("\r", "").replace("\n", "").rstrip(" \t")
 
 
-def make_input(http_api):
+def make_input(api: Contract):
     def serves(name, qualifier) -> bool:
         return name in SERVED and (qualifier is None or qualifier in VERSIONS)
 
@@ -82,9 +123,9 @@ def make_input(http_api):
             name = urllib.parse.quote(name, safe=fdp.ConsumeUnicodeNoSurrogates(3))
         route = fdp.ConsumeIntInRange(0, 2)
         if route == 0:
-            path = http_api.PREFIX + name + http_api.SUFFIX
+            path = api.PREFIX + name + api.SUFFIX
         elif route == 1:
-            path = http_api.STREAM_PREFIX + name + http_api.STREAM_SUFFIX
+            path = api.STREAM_PREFIX + name + api.STREAM_SUFFIX
         else:
             path = fdp.ConsumeUnicodeNoSurrogates(80)
         query = ""
@@ -114,35 +155,35 @@ def make_input(http_api):
         too_large = fdp.ConsumeIntInRange(0, 15) == 0
         body = fdp.ConsumeBytes(fdp.remaining_bytes())
         request = FakeRequest(path, query, headers, body, too_large, 6_291_456)
-        problems = check(http_api, request, serves)
+        problems = check(api, request, serves)
         harness.finding(problems, data)
 
     return one_input
 
 
-def check(http_api, request: FakeRequest, serves) -> list:
+def check(api: Contract, request: FakeRequest, serves) -> list:
     problems = []
-    request_id = http_api.request_id_for(request.headers, lambda _rid: False)
+    request_id = api.request_id(request.headers)
     if not UUID.match(request_id):
         problems.append(f"request id {request_id!r} is not a UUID")
-    raw = http_api.function_in_path(request.path)
-    allowed = http_api.INVOCATION_TYPES
+    raw = api.function_in_path(request.path)
+    allowed = api.INVOCATION_TYPES
     if raw is None:
-        raw = http_api.function_in_path(request.path, http_api.STREAM_PREFIX, http_api.STREAM_SUFFIX)
-        allowed = http_api.STREAM_INVOCATION_TYPES
+        raw = api.function_in_path(request.path, api.STREAM_PREFIX, api.STREAM_SUFFIX)
+        allowed = api.STREAM_INVOCATION_TYPES
         if raw is None:
             return problems
     try:
-        call = http_api.parse_invoke(request, raw, serves, allowed)
-    except http_api.InvalidInvoke as e:
-        if e.api_error.status not in (400, 413):
+        call = api.parse(request, raw, serves, allowed)
+    except api.refusals as e:
+        if e.api_error.status not in (400, 404, 413):
             problems.append(f"refused with status {e.api_error.status}")
         try:
             json.loads(e.api_error.body(e.message))
         except ValueError:
             problems.append("refusal body is not JSON")
         return problems
-    except http_api.UnknownFunction:
+    except api.not_found:
         return problems
     if not serves(call.name, call.qualifier):
         problems.append(f"accepted for {call.name!r} qualifier {call.qualifier!r}, not served")
@@ -161,15 +202,14 @@ def check(http_api, request: FakeRequest, serves) -> list:
             doc = None
         if not isinstance(doc, dict):
             problems.append("accepted a client context that is not a JSON object")
-    if request.headers.get("x-amz-log-type", "None") not in ("None", "Tail"):
+    if (request.headers.get("x-amz-log-type") or "None") not in ("None", "Tail"):  # empty = absent
         problems.append("accepted an unknown log type")
     return problems
 
 
-def targets(http_api) -> dict:
-    return {"invoke/http_api.py validation (parse_invoke and what it calls)": [
-        http_api.parse_invoke, http_api.parse_function_name, http_api.function_in_path,
-        http_api.decode_client_context, http_api.request_id_for, http_api.invoke_body_limit]}
+def targets(api: Contract) -> dict:
+    where = "invoke/contract.py" if api.contract else "invoke/http_api.py (parse_invoke and what it calls)"
+    return {f"{where} validation": api.targets()}
 
 
 def seed(*choices: int, body: bytes = b"{}") -> bytes:
