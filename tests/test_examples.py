@@ -437,7 +437,7 @@ def manifest_daemon_env(function: str, **changes) -> dict:
 def test_kubernetes_queue_settings_carry_a_request_across_zero_replicas():
     """Scale to zero, for real: the daemon with the manifest's queue settings consumes, stops (its last
     replica gone), a request comes through the Lambda Server and waits in the queue, a daemon starts
-    again (KEDA's scale-up) and answers it. The default auto-delete queue would be gone: 404."""
+    again (KEDA's scale-up) and answers it. An auto-delete queue would be gone: 404."""
     import pika
 
     from amqp_support import BROKER, consumers, start_server, unique_name, wait_consumers
@@ -460,9 +460,9 @@ def test_kubernetes_queue_settings_carry_a_request_across_zero_replicas():
                 second.stop()
         assert (status, json.loads(body)) == (200, {"woke": "up"})
 
-        # The Go daemon's default, an auto-delete queue: gone with its last consumer.
+        # The Go daemon's auto-delete queue (AMQP_DURABLE_QUEUE=false): gone with its last consumer.
         plain = unique_name("k8s-zero-plain")
-        daemon = start_daemon(**manifest_daemon_env(plain, AMQP_DURABLE_QUEUE=None, AMQP_QUEUE_TYPE=None))
+        daemon = start_daemon(**manifest_daemon_env(plain, AMQP_DURABLE_QUEUE="false", AMQP_QUEUE_TYPE=None))
         wait_consumers(plain)
         daemon.stop()
         assert consumers(plain) == -1
