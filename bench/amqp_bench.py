@@ -54,7 +54,7 @@ from run import (
     Ceiling,
     Load,
     children_of,
-    cpu_ticks,
+    cpu_split,
     drive,
     free_port,
     git_revision,
@@ -106,13 +106,17 @@ class Usage:
 
     def __init__(self, pids: Dict[str, int]) -> None:
         self.pids = pids
-        self.ticks = {name: cpu_ticks(pid) for name, pid in pids.items()}
+        self.ticks = {name: cpu_split(pid) for name, pid in pids.items()}
         self.io = {name: syscalls(pid) for name, pid in pids.items() if name != "broker"}
 
     def per(self, count: int) -> dict:
         n = max(1, count)
-        out = {f"{name}_cpu_us_per_request": round((cpu_ticks(pid) - self.ticks[name]) / CLK_TCK * 1e6 / n)
-               for name, pid in self.pids.items()}
+        out = {}
+        for name, pid in self.pids.items():
+            (user0, sys0), (user1, sys1) = self.ticks[name], cpu_split(pid)
+            out[f"{name}_cpu_us_per_request"] = round((user1 - user0 + sys1 - sys0) / CLK_TCK * 1e6 / n)
+            out[f"{name}_user_us_per_request"] = round((user1 - user0) / CLK_TCK * 1e6 / n)
+            out[f"{name}_sys_us_per_request"] = round((sys1 - sys0) / CLK_TCK * 1e6 / n)
         for name, (reads, writes) in self.io.items():
             now = syscalls(self.pids[name])
             out[f"{name}_reads_per_request"] = round((now[0] - reads) / n, 2)
@@ -369,6 +373,8 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             emit({"bench": "ceiling", "round": r + 1, **measured["ceiling"]})
             rounds.append(measured)
         memory = {side.name: side.memory() for side in sides}
+        if broker is not None and broker_pid() != broker:
+            print("warning: the broker restarted during the run: the figures are not comparable", flush=True)
     finally:
         loop.close()
         for side in sides:
@@ -384,8 +390,10 @@ def label(workload: str, args: argparse.Namespace) -> str:
 
 
 METRICS = ("rate", "p50_ms", "p99_ms", "daemon_cpu_us_per_request", "server_cpu_us_per_request",
-           "broker_cpu_us_per_request", "client_cpu_us_per_request", "daemon_reads_per_request",
-           "daemon_writes_per_request", "server_reads_per_request", "server_writes_per_request")
+           "broker_cpu_us_per_request", "client_cpu_us_per_request", "daemon_user_us_per_request",
+           "daemon_sys_us_per_request", "server_user_us_per_request", "server_sys_us_per_request",
+           "daemon_reads_per_request", "daemon_writes_per_request", "server_reads_per_request",
+           "server_writes_per_request")
 
 
 def summarise(run: dict, sides: List[Side], workloads: List[str]) -> dict:
@@ -441,6 +449,9 @@ def report(summary: dict, memory: dict, sides: List[Side], workloads: List[str],
         text = ", ".join(f"{role} {m[role + '_rss_mb']:.1f} MB (peak {m[role + '_peak_rss_mb']:.1f})"
                          for role in ("daemon", "server") if role + "_rss_mb" in m)
         lines.append(f"RSS after load, {side.name}: {text}")
+    failed = ", ".join(f"{side.name} {sum(summary['workloads'][w]['sides'][side.name]['errors'] for w in workloads)}"
+                       for side in sides)
+    lines.append(f"failed requests (bad replies, wrk errors): {failed}")
     lines.append("broker CPU: the one RabbitMQ shared with everything else on the machine (an upper bound)")
     return lines
 
