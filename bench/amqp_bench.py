@@ -322,6 +322,14 @@ def server_window(url: str, connections: int, seconds: float, pids: Dict[str, in
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+async def open_sentinel(uri: str):
+    """An idle connection held for the whole run: closed at the end means the broker went away meanwhile
+    (a ``rabbitmqctl stop_app`` keeps the broker's pid)."""
+    import aio_pika
+
+    return await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0")  # the loop idles between windows
+
+
 def broker_pid() -> Optional[int]:
     found = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True).stdout.split()
     return int(found[0]) if found else None
@@ -346,6 +354,7 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             print(f"{side.name}: daemon pid {side.daemon.pid}, queue {side.queue}"  # type: ignore[union-attr]
                   + (f", lambda-server pid {side.server.pid}" if side.server else ""), file=sys.stderr, flush=True)
         ceiling.run(min(args.warmup, 1.0))  # the ceiling's runtimes warm up too
+        sentinel = loop.run_until_complete(open_sentinel(uri))
         for r in range(args.rounds):
             measured: dict = {"workloads": {}}
             if r % 2 == 0:
@@ -373,14 +382,15 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             emit({"bench": "ceiling", "round": r + 1, **measured["ceiling"]})
             rounds.append(measured)
         memory = {side.name: side.memory() for side in sides}
-        if broker is not None and broker_pid() != broker:
-            print("warning: the broker restarted during the run: the figures are not comparable", flush=True)
+        loop.run_until_complete(asyncio.sleep(0.05))  # let a closed sentinel connection notice
+        broker_restarted = (broker is not None and broker_pid() != broker) or sentinel.is_closed
+        loop.run_until_complete(sentinel.close())
     finally:
         loop.close()
         for side in sides:
             side.stop()
         ceiling.close()
-    return {"rounds": rounds, "memory": memory}
+    return {"rounds": rounds, "memory": memory, "broker_restarted": broker_restarted}
 
 
 def label(workload: str, args: argparse.Namespace) -> str:
@@ -485,7 +495,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--inflight: expected a list like 8,32, got {args.inflight!r}")
     wrk = shutil.which("wrk")
-    args.load = Load("wrk" if wrk else "python", PAYLOAD, wrk, args.wrk_threads)
+    # A 2 s wrk timeout: a reply the lambda-server loses then shows up as an error (and its connection is
+    # replaced) instead of silently holding one of the few connections for the rest of the window.
+    args.load = Load("wrk" if wrk else "python", PAYLOAD, wrk, args.wrk_threads, timeout=2.0)
     return args
 
 
@@ -510,6 +522,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_at_end = loadavg()
     lines = report(summary, run["memory"], sides, workloads, args)
     lines.append(f"load average {load_at_start:.2f} at start, {load_at_end:.2f} at end; revision {git_revision()}")
+    if run["broker_restarted"]:
+        lines.append("WARNING: the broker restarted (or dropped its connections) during the run: not comparable")
     print()
     print("\n".join(lines))
     results = {

@@ -262,6 +262,7 @@ class Load:
     payload: str
     wrk_path: Optional[str] = None
     wrk_threads: int = 1
+    timeout: float = 10.0  # wrk counts a request unanswered this long as a timeout (an error) and reconnects
 
 
 def drive(url: str, connections: int, seconds: float, load: Load) -> dict:
@@ -269,7 +270,7 @@ def drive(url: str, connections: int, seconds: float, load: Load) -> dict:
     if load.kind == "wrk":
         threads = max(1, min(load.wrk_threads, connections))  # wrk refuses more threads than connections
         command = [str(load.wrk_path), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-                   "--timeout", "10s", "-s", str(BENCH / "post.lua"), url]
+                   "--timeout", f"{load.timeout:g}s", "-s", str(BENCH / "post.lua"), url]
     else:
         command = [PYTHON, str(BENCH / "loadgen.py"), "--url", url, "--connections", str(connections),
                    "--seconds", str(seconds), "--payload", load.payload]
