@@ -64,6 +64,7 @@ from run import (
 
 BIN = Path(sys.executable).parent
 PAYLOAD = '{"key": "value"}'
+STALL = 0.25  # a window below this fraction of the same side's best window is reported as stalled
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -416,6 +417,10 @@ def summarise(run: dict, sides: List[Side], workloads: List[str]) -> dict:
             windows = [r["workloads"][workload][side.name] for r in rounds]
             per_side[side.name] = {k: statistics.median(w[k] for w in windows) for k in METRICS if k in windows[0]}
             per_side[side.name]["errors"] = sum(w["errors"] for w in windows)
+            # A window far below the side's best is a stall (e.g. replies lost by the lambda-server hold
+            # wrk's connections): say so, since the median only hides one of three.
+            best = max(w["rate"] for w in windows)
+            per_side[side.name]["stalled_rounds"] = [r + 1 for r, w in enumerate(windows) if w["rate"] < STALL * best]
             per_side[side.name]["of_ceiling"] = statistics.median(
                 w["rate"] / r["ceiling"]["rate"] for w, r in zip(windows, rounds) if r["ceiling"]["rate"])
         summary = {"sides": per_side}
@@ -462,6 +467,12 @@ def report(summary: dict, memory: dict, sides: List[Side], workloads: List[str],
     failed = ", ".join(f"{side.name} {sum(summary['workloads'][w]['sides'][side.name]['errors'] for w in workloads)}"
                        for side in sides)
     lines.append(f"failed requests (bad replies, wrk errors): {failed}")
+    for workload in workloads:
+        for side in sides:
+            stalled = summary["workloads"][workload]["sides"][side.name]["stalled_rounds"]
+            if stalled:
+                lines.append(f"WARNING: {label(workload, args)}, {side.name}: round(s) {stalled} ran below "
+                             f"{STALL:.0%} of its best round (stalled?)")
     lines.append("broker CPU: the one RabbitMQ shared with everything else on the machine (an upper bound)")
     return lines
 
