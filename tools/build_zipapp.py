@@ -2,11 +2,12 @@
 """Build the single-file executables ``bin/lambda-runtime-api-daemon`` and ``bin/lambda-server``.
 
 Each is a zipapp (``#!/usr/bin/env python3`` + a zip archive) holding the ``lambda_rapid`` package
-from ``src/`` and the pure-Python parts of the AMQP client (aio-pika, aiormq, pamqp, yarl,
-multidict, propcache, idna), copied from the Python that runs this script (so run it with the
-project's venv: ``.venv/bin/python tools/build_zipapp.py``). C extensions are left out: the
-daemon then uses the default asyncio loop instead of uvloop, ``lambda_rapid.http.pyparser`` instead
-of httptools, and the pure-Python fallbacks of yarl, multidict and propcache.
+from ``src/``, h11 (the HTTP/1.1 parser used without httptools) and the pure-Python parts of the
+AMQP client (aio-pika, aiormq, pamqp, yarl, multidict, propcache, idna), copied from the Python that
+runs this script (so run it with the project's venv: ``.venv/bin/python tools/build_zipapp.py``).
+C extensions are left out: the daemon then uses the default asyncio loop instead of uvloop, h11
+(through ``lambda_rapid.http.h11_parser``) instead of httptools, and the pure-Python fallbacks of
+yarl, multidict and propcache.
 
 Needs at run time: any ``python3`` >= 3.9, nothing installed. aio-pika 10 needs Python 3.11, so,
 as ``pyproject.toml`` does for pip, the archive also carries aio-pika 9.4.3 and the versions of its
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = ROOT / "src" / "lambda_rapid"
+HTTP_DISTRIBUTIONS = ("h11",)  # pure Python, any python3 >= 3.8: one copy serves every Python
 AMQP_DISTRIBUTIONS = ("aio-pika", "aiormq", "pamqp", "yarl", "multidict", "propcache", "idna")
 AMQP_MIN_PYTHON = (3, 11)
 SKIP_SUFFIXES = (".so", ".pyd", ".dylib", ".c", ".h", ".pyx", ".pxd", ".pyi", ".pyc")
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
                         help="leave out the AMQP client for Python 3.9/3.10 (no download needed)")
     args = parser.parse_args(argv)
     contents = package_files()
+    for name in HTTP_DISTRIBUTIONS:
+        contents.update(distribution_files(name))
     with_amqp = not args.without_amqp
     with_py39 = with_amqp and not args.without_py39_amqp
     if with_amqp:
