@@ -28,6 +28,7 @@ from .sandbox.runtime_api import RuntimeApi
 log = logging.getLogger("lambda_rapid.daemon")
 
 SHUTDOWN_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the runtimes at exit (AWS: 2 s for extensions)
+IDLE_CLOSE_TIMEOUT = 2.0  # at exit, how long kept-alive Invoke API connections may take to become idle
 
 
 class StartupError(Exception):
@@ -167,6 +168,7 @@ class Daemon:
     async def shutdown(self) -> None:
         pool = self.pool
         pool.accepting = False
+        self.invoke_http.start_draining()  # every answer from now on closes its connection
         if self.amqp is not None:
             await self.amqp.stop_consuming()
         drain = self.loop.create_task(pool.drain(self.config.timeout + 1.0), name="drain")
@@ -177,6 +179,10 @@ class Daemon:
         pool.reject_queued()
         if self.amqp is not None:
             await self.amqp.close()
+        # A request sent gets an answer or a refused connection, never a silent close: stop
+        # accepting, then close kept-alive connections only while no request is on them.
+        await self.invoke_http.stop_accepting()
+        await self.invoke_http.close_idle(IDLE_CLOSE_TIMEOUT)
         self.invoke_http.close()
         await self.extensions.shutdown()
         await self._stop_instances()
