@@ -327,12 +327,12 @@ class Pool:
         self._finish(inv, Result(FUNCTION_ERROR, errors.runtime_error_body(body, error_type), True))
         return True
 
-    def response_too_large(self, request_id: str) -> bool:
+    def response_too_large(self, request_id: str, limit: int = errors.RESPONSE_LIMIT) -> bool:
         inv = self.in_flight.pop(request_id, None)
         if inv is None:
             return False
         self._release(inv)
-        self._finish(inv, Result(FUNCTION_ERROR, errors.response_too_large_error(), True))
+        self._finish(inv, Result(FUNCTION_ERROR, errors.response_too_large_error(limit), True))
         return True
 
     def init_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> None:
