@@ -81,7 +81,7 @@ class Daemon:
             child = self.procs.spawn(
                 self.config.command, env, self.config.cwd,
                 on_output=lambda data: self._output(instance, data),
-                on_exit=lambda status: self.pool.instance_exited(instance, status))
+                on_exit=lambda status: self._exited(instance, status))
         except BaseException:
             sock.close()
             raise
@@ -101,6 +101,15 @@ class Daemon:
                 sock.close()
 
         instance.close = close
+
+    def _exited(self, instance: Instance, status: str, tries: int = 0) -> None:
+        """The runtime process has exited. What it sent before (a streamed piece, a /response) is
+        in its sockets already, maybe on a connection not accepted yet (asyncio accepts over a few
+        loop iterations): let the loop read it first, 5 ms and as long as bytes wait (0.1 s at most)."""
+        if tries == 0 or (tries < 20 and self.runtime_http.unread(instance)):
+            self.loop.call_later(0.005, self._exited, instance, status, tries + 1)
+            return
+        self.pool.instance_exited(instance, status)
 
     def _output(self, instance: Instance, data: bytes) -> None:
         self.sink.write(data)

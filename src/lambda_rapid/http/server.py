@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import select
 import socket
 import struct
 import termios
@@ -516,6 +517,16 @@ class HttpServer:
             self.servers.remove(server)
         self._contexts.pop(server, None)
         server.close()
+
+    def unread(self, context: object) -> bool:
+        """Whether the listener bound to ``context`` has something not read yet: a connection not
+        yet accepted, or bytes waiting in the socket of one of its connections."""
+        for server, bound in self._contexts.items():
+            if bound is context:
+                fds = [s.fileno() for s in server.sockets or ()]
+                if fds and select.select(fds, [], [], 0)[0]:
+                    return True
+        return any(conn.context is context and unread_bytes(conn.transport) for conn in self.connections)
 
     def start_draining(self) -> None:
         """From now on every answer carries ``connection: close`` and its connection is closed after
