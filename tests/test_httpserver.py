@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import signal
 import socket
 import threading
@@ -450,12 +451,22 @@ def _read_answer(sock) -> Optional[tuple]:
     return int(head.split(b" ", 2)[1]), head.lower(), body
 
 
+def _closed_by_server(sock) -> bool:
+    """What HTTP clients check before reusing a kept-alive connection (urllib3's is_connection_dropped)."""
+    return bool(select.select([sock], [], [], 0)[0]) and sock.recv(1, socket.MSG_PEEK) == b""
+
+
 def _hammer(port: int, started: threading.Event, deadline: float) -> Counter:
     """Invoke over one kept-alive connection after another until connections are refused: every
     request sent must get a whole answer (counted by status) or its connection be refused."""
     counts: Counter = Counter()
     sock = None
     while time.monotonic() < deadline:
+        if sock is not None and _closed_by_server(sock):
+            counts["reconnect"] += 1
+            sock.close()
+            sock = None
+        fresh = sock is None
         if sock is None:
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -469,6 +480,7 @@ def _hammer(port: int, started: threading.Event, deadline: float) -> Counter:
             answer = None
         if answer is None:
             counts["empty"] += 1
+            counts["empty-fresh" if fresh else "empty-reused"] += 1
             sock.close()
             sock = None
             continue

@@ -38,8 +38,9 @@ MAX_HEADER_BYTES = 65536
 # never ends must not grow without bound until the request timeout.
 MAX_PARTIAL_HEAD = MAX_HEADER_BYTES + 4096
 # While draining, an idle kept-alive connection is closed once it has been idle this long with no
-# request bytes waiting: a client that was about to send has sent by then.
-IDLE_LINGER = 0.25
+# request bytes waiting: a client that was about to reuse it has sent by then (and a client that
+# reuses one later sees it closed first: urllib3, Go's and Node's clients check before reusing).
+IDLE_LINGER = 1.0
 # Why a connection stopped reading (pause_reading): bits, reading resumes when none is left.
 _PIPELINED = 1  # requests wait behind the one being answered
 _SINK_FULL = 2  # the body goes to a connection whose send buffer is full (a streamed answer)
@@ -458,6 +459,25 @@ def unread_bytes(transport: Optional[asyncio.BaseTransport]) -> int:
         return 0
 
 
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: BPF_RET | BPF_K, 0 (keep no byte)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def _refuse_new_connections(listener: socket.socket) -> None:
+    """Let no new connection into ``listener``'s accept queue while it is emptied before closing
+    (Linux: a socket filter that drops every packet, so SYNs go unanswered; the client's retry
+    then finds the port closed: refused). Without it, a connection completing its handshake
+    between the last accept and the close would be reset after its client sent a request."""
+    try:
+        import ctypes
+
+        program = ctypes.create_string_buffer(_DROP_ALL)
+        listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                            struct.pack("HL", 1, ctypes.addressof(program)))
+    except (ImportError, OSError):
+        pass  # not Linux: the sweep alone (a window of microseconds)
+
+
 class HttpServer:
     """Listeners sharing one application, connection set and housekeeping timer.
 
@@ -538,12 +558,21 @@ class HttpServer:
         accepted but we have not are taken first (closing them would reset a client that may have
         sent its request): they are served, and closed like the others."""
         loop = asyncio.get_running_loop()
+        # asyncio's loop accepts in a task that gives the connection its protocol a few iterations
+        # later, and closing the listener in between drops it: stop it accepting, let those finish.
+        # (uvloop accepts in one callback; it has no reader to remove.)
+        for server in self.servers:
+            for s in server.sockets or ():
+                loop.remove_reader(s.fileno())
+        for _ in range(5):
+            await asyncio.sleep(0)
         taken = []
         for server in self.servers:
             context = self._contexts.get(server)
             listeners = [socket.fromfd(s.fileno(), s.family, s.type) for s in server.sockets or ()]
-            server.close()  # in the same callback as the sweep below: nothing is accepted in between
+            server.close()  # our duplicates keep the sockets listening for the sweep below
             for listener in listeners:
+                _refuse_new_connections(listener)
                 listener.setblocking(False)
                 while True:
                     try:
