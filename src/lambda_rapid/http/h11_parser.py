@@ -63,7 +63,8 @@ class HttpParserUpgrade(HttpParserError):
 
 
 class HttpRequestParser:
-    __slots__ = ("_cb", "_buffer", "_scanned", "_body", "_method", "_version", "_keep_alive", "_upgrade", "_begun",
+    __slots__ = ("_cb", "_buffer", "_scanned", "_in_body", "_remaining", "_body", "_method", "_version",
+                 "_keep_alive", "_upgrade", "_begun",
                  "_closed", "_dead")
 
     def __init__(self, protocol: object) -> None:
@@ -71,7 +72,9 @@ class HttpRequestParser:
             "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")}
         self._buffer = bytearray()  # bytes of a request head not yet complete
         self._scanned = 0  # how much of it is already checked (a head fed byte by byte stays linear)
-        self._body: Optional[h11.Connection] = None  # reads the current request's body
+        self._in_body = False  # between the head of a request and its end
+        self._remaining = 0  # of a Content-Length body
+        self._body: Optional[h11.Connection] = None  # reads a chunked body
         self._method = b""
         self._version = "1.1"
         self._keep_alive = True
@@ -116,9 +119,8 @@ class HttpRequestParser:
 
     def _feed(self, data: bytes) -> None:
         fed = len(data)
-        if self._body is not None:
-            self._body.receive_data(data)
-            rest = self._read_body()
+        if self._in_body:
+            rest = self._read_body(data)
             if rest is None:
                 return
             data = rest
@@ -128,7 +130,7 @@ class HttpRequestParser:
             return
         buf = self._buffer
         buf += data
-        while buf and self._body is None and not self._closed:
+        while buf and not self._closed:
             if not self._begun:
                 # Empty lines before a request line are skipped (RFC 9112 section 2.2), as llhttp does.
                 skip = len(buf) - len(buf.lstrip(b"\r\n"))
@@ -186,10 +188,10 @@ class HttpRequestParser:
             raise HttpParserError("invalid request target")
 
         headers = []
-        lengths = 0
+        lengths = length = hosts = 0
         codings: list = []
         connection: list = []
-        upgrade_header = has_host = False
+        upgrade_header = False
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):
                 raise HttpParserError("obsolete line folding")
@@ -201,6 +203,7 @@ class HttpRequestParser:
                 digits = value.rstrip(b" \t")
                 if lengths > 1 or not digits.isdigit() or int(digits) > _MAX_CONTENT_LENGTH:
                     raise HttpParserError("invalid or repeated Content-Length")
+                length = int(digits)
             elif lower == b"transfer-encoding":
                 codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
             elif lower in (b"connection", b"proxy-connection"):
@@ -208,7 +211,7 @@ class HttpRequestParser:
             elif lower == b"upgrade":
                 upgrade_header = True
             elif lower == b"host":
-                has_host = True
+                hosts += 1
             headers.append((name, value))
         if codings:
             # As llhttp: a coding list must end with "chunked", which may not appear before.
@@ -217,22 +220,28 @@ class HttpRequestParser:
             if lengths:
                 raise HttpParserError("Content-Length together with Transfer-Encoding")
 
-        # h11 checks the request line and each field, and reads the body. It gets the head with
-        # what it would refuse where llhttp does not: one space apart, one Host, one coding.
-        h11_lines = [b"%s %s %s" % (method, target, b"HTTP/1.1" if version == b"HTTP/1.1" else b"HTTP/1.0")]
-        host_seen = False
-        for line, (name, _) in zip(lines[1:], headers):
-            lower = name.lower()
-            if lower == b"transfer-encoding" or (lower == b"host" and host_seen):
-                continue
-            host_seen = host_seen or lower == b"host"
-            h11_lines.append(line)
-        if codings:
-            h11_lines.append(b"transfer-encoding: chunked")
-        if not has_host:
-            h11_lines.append(b"host: ")
+        # h11 checks the request line and each field, and reads a chunked body. It gets the head
+        # as it is, or, where llhttp accepts what h11 would refuse, with one space apart, one
+        # Host, one coding.
+        request_line = b"%s %s %s" % (method, target, b"HTTP/1.1" if version == b"HTTP/1.1" else b"HTTP/1.0")
+        if request_line == lines[0] and hosts == 1 and not codings:
+            h11_head = head
+        else:
+            h11_lines = [request_line]
+            host_seen = False
+            for line, (name, _) in zip(lines[1:], headers):
+                lower = name.lower()
+                if lower == b"transfer-encoding" or (lower == b"host" and host_seen):
+                    continue
+                host_seen = host_seen or lower == b"host"
+                h11_lines.append(line)
+            if codings:
+                h11_lines.append(b"transfer-encoding: chunked")
+            if not hosts:
+                h11_lines.append(b"host: ")
+            h11_head = b"\r\n".join(h11_lines)
         body = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BUFFERED_HEAD)
-        body.receive_data(b"\r\n".join(h11_lines) + b"\r\n\r\n")
+        body.receive_data(h11_head + b"\r\n\r\n")
         if type(body.next_event()) is not h11.Request:
             raise HttpParserError("invalid request head")
 
@@ -244,20 +253,44 @@ class HttpRequestParser:
         else:
             self._keep_alive = b"keep-alive" in connection
         self._upgrade = method == b"CONNECT" or (upgrade_header and b"upgrade" in connection)
-        self._call("on_url", target)
-        for name, value in headers:
-            self._call("on_header", name, value)
-        self._call("on_headers_complete")
+        cb = self._cb
+        try:  # the head's callbacks at once, as httptools makes them (one wrapper, not one each)
+            if cb["on_url"] is not None:
+                cb["on_url"](target)
+            on_header = cb["on_header"]
+            if on_header is not None:
+                for name, value in headers:
+                    on_header(name, value)
+            if cb["on_headers_complete"] is not None:
+                cb["on_headers_complete"]()
+        except Exception as e:
+            raise HttpParserCallbackError("a callback failed") from e
         if self._upgrade:
             # As llhttp: the request ends with its head, and parsing stops at the bytes after it.
             self._finish()
             raise HttpParserUpgrade(offset)
-        self._body = body
+        self._in_body = True
+        if codings:
+            self._body = body  # h11 decodes the chunks
+        else:
+            # A Content-Length body (or none) is just counted: h11 has checked the head.
+            self._body = None
+            self._remaining = length
 
-    def _read_body(self, data: bytes = b"") -> Optional[bytes]:
-        """Hand over what h11 has of the current body; the bytes after it once it is complete."""
+    def _read_body(self, data: bytes) -> Optional[bytes]:
+        """Hand over what there is of the current body; the bytes after it once it is complete
+        (None while it is not)."""
         body = self._body
-        assert body is not None
+        if body is None:
+            take = min(self._remaining, len(data))
+            if take:
+                self._remaining -= take
+                self._call("on_body", data[:take])
+            if self._remaining:
+                return None
+            self._in_body = False
+            self._finish()
+            return data[take:]
         if data:
             body.receive_data(data)
         while True:
@@ -276,6 +309,7 @@ class HttpRequestParser:
                     self._call("on_header", name, value)
                 rest = body.trailing_data[0]
                 self._body = None
+                self._in_body = False
                 self._finish()
                 return rest
             else:

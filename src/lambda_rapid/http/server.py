@@ -189,18 +189,17 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        backend = self.server.backend
         try:
             self.parser.feed_data(data)
         except _StopParsing:
             return
-        except backend.HttpParserCallbackError as e:
+        except self.server.backend.HttpParserCallbackError as e:  # (looked up only when raised)
             if isinstance(e.__context__, _StopParsing):
                 return
             log.exception("error while handling a request from %s", self.peer)
             self._fail(500, "internal error")
             return
-        except backend.HttpParserUpgrade as e:
+        except self.server.backend.HttpParserUpgrade as e:
             request, self.upgrading = self.upgrading, None
             if request is None:
                 self._fail(400, "protocol upgrades are not supported")
@@ -208,10 +207,10 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9110 7.8: a server may ignore Upgrade (curl --http2 asks for h2c on every request).
             # Parse the request again as plain HTTP/1.1 without its upgrade headers, then the rest.
             self.current = None
-            self.parser = backend.HttpRequestParser(self)
+            self.parser = self.server.backend.HttpRequestParser(self)
             self.data_received(_without_upgrade(request, b"".join(self.url_parts)) + data[e.args[0]:])
             return
-        except backend.HttpParserError as e:
+        except self.server.backend.HttpParserError as e:
             if self.ended:
                 return  # bytes after a request without keep-alive: it is answered, then the connection closes
             log.info("bad HTTP from %s: %s", self.peer, e)
