@@ -43,6 +43,7 @@ METHODS = frozenset(m.encode() for m in (
 ))
 VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0", b"HTTP/2.0": "2.0", b"HTTP/0.9": "0.9"}
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # llhttp takes an origin-form path, "*" or an absolute URL; h11 would take any visible characters.
 _TARGET = re.compile(rb"[/*]|[A-Za-z][A-Za-z0-9+.-]*://")
@@ -118,22 +119,18 @@ class HttpRequestParser:
                 raise HttpParserCallbackError(f"the {name} callback failed") from e
 
     def _feed(self, data: bytes) -> None:
-        fed = len(data)
-        if self._in_body:
-            rest = self._read_body(data)
-            if rest is None:
-                return
-            data = rest
         if self._closed:
             if data:
                 raise HttpParserError("data after a request without keep-alive")  # as llhttp
             return
         buf = self._buffer
         buf += data
+        if self._in_body and not self._read_body():
+            return
         while buf and not self._closed:
             if not self._begun:
                 # Empty lines before a request line are skipped (RFC 9112 section 2.2), as llhttp does.
-                skip = len(buf) - len(buf.lstrip(b"\r\n"))
+                skip = _EMPTY_LINES.match(buf).end()
                 if skip:
                     del buf[:skip]
                 if not buf:
@@ -153,18 +150,14 @@ class HttpRequestParser:
                 self._scanned = len(buf)
                 return
             head = bytes(buf[:end])
-            del buf[:end + 4]
+            del buf[:end + 4]  # (from the front of a bytearray: no copy of the rest)
             self._scanned = 0
-            rest = bytes(buf)
-            buf.clear()
             self._begun = False
-            self._start(head, fed - len(rest))  # what follows the head came with this data
-            rest = self._read_body(rest)
-            if rest is None:
+            self._start(head, len(data) - len(buf))  # what follows the head came with this data
+            if not self._read_body():
                 return
-            if self._closed and rest:
-                raise HttpParserError("data after a request without keep-alive")  # as llhttp
-            buf += rest
+        if self._closed and buf:
+            raise HttpParserError("data after a request without keep-alive")  # as llhttp
 
     def _start(self, head: bytes, offset: int) -> None:
         """Check one request head, hand it over, and set up the reader of its body (``offset``:
@@ -277,26 +270,30 @@ class HttpRequestParser:
             self._body = None
             self._remaining = length
 
-    def _read_body(self, data: bytes) -> Optional[bytes]:
-        """Hand over what there is of the current body; the bytes after it once it is complete
-        (None while it is not)."""
+    def _read_body(self) -> bool:
+        """Hand over what the buffer has of the current body; True once it is complete (what
+        follows it stays in the buffer)."""
+        buf = self._buffer
         body = self._body
         if body is None:
-            take = min(self._remaining, len(data))
+            take = min(self._remaining, len(buf))
             if take:
                 self._remaining -= take
-                self._call("on_body", data[:take])
+                piece = bytes(buf[:take])
+                del buf[:take]
+                self._call("on_body", piece)
             if self._remaining:
-                return None
+                return False
             self._in_body = False
             self._finish()
-            return data[take:]
-        if data:
-            body.receive_data(data)
+            return True
+        if buf:
+            body.receive_data(bytes(buf))
+            buf.clear()
         while True:
             event = body.next_event()
             if event is h11.NEED_DATA:
-                return None
+                return False
             if type(event) is h11.Data:
                 self._call("on_body", bytes(event.data))
             elif type(event) is h11.EndOfMessage:
@@ -307,11 +304,11 @@ class HttpRequestParser:
                         raise HttpParserError("invalid trailer field")
                 for name, value in trailers:  # chunked trailers, reported as llhttp reports them
                     self._call("on_header", name, value)
-                rest = body.trailing_data[0]
+                buf += body.trailing_data[0]
                 self._body = None
                 self._in_body = False
                 self._finish()
-                return rest
+                return True
             else:
                 raise HttpParserError(f"unexpected {event!r}")
 
