@@ -1,5 +1,5 @@
 """The single-file executables (bin/lambda-runtime-api-daemon, bin/lambda-server) run by a python3
-that has no packages at all (``-I -S``): no uvloop, no httptools (the pure-Python parser serves),
+that has no packages at all (``-I -S``): no uvloop, no httptools (h11, bundled in the file, parses HTTP),
 the AMQP client from inside the file (aio-pika 10 on 3.11+, its 9.4.3 set on 3.9/3.10),
 awslambdaric from the function's own environment.
 """
@@ -52,8 +52,10 @@ def test_build_is_reproducible_and_carries_no_c_extensions(tmp_path):
     with zipfile.ZipFile(tmp_path / "a" / "lambda-runtime-api-daemon") as archive:
         names = archive.namelist()
         assert archive.testzip() is None
-    expected = {"__main__.py", "lambda_rapid/http/pyparser.py", "aio_pika/__init__.py", "_py39/aio_pika/__init__.py"}
+    expected = {"__main__.py", "lambda_rapid/http/h11_parser.py", "h11/__init__.py", "aio_pika/__init__.py",
+                "_py39/aio_pika/__init__.py"}
     assert expected <= set(names)
+    assert "lambda_rapid/http/pyparser.py" not in names
     assert not [n for n in names if n.endswith((".so", ".pyc", ".pyd")) or "__pycache__" in n]
 
 
@@ -62,6 +64,21 @@ def test_bare_python_really_has_no_packages():
     for module in ("httptools", "uvloop", "awslambdaric"):
         r = subprocess.run([sys.executable, "-I", "-S", "-c", f"import {module}"], capture_output=True)
         assert r.returncode != 0, module
+
+
+@pytest.mark.parametrize("version", ["", "3.9", "3.13"])
+def test_the_single_file_parses_http_with_h11(bin_dir, version):
+    python = bare_python(version)
+    if python is None:
+        pytest.skip(f"no python{version} on this machine")
+    program = bin_dir / "lambda-runtime-api-daemon"
+    r = subprocess.run([python, "-I", "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                        "import lambda_rapid.http.server as s, h11; print(s.BACKEND.__name__, h11.__file__)",
+                        str(program)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    backend, h11_file = r.stdout.split()
+    assert backend == "lambda_rapid.http.h11_parser"
+    assert h11_file.startswith(str(program))  # the copy inside the file, not an installed one
 
 
 @pytest.mark.parametrize("version", ["", "3.9", "3.10", "3.12", "3.13"])
@@ -78,7 +95,7 @@ def test_serves_echo_with_a_bare_python(bin_dir, version):
         # Not JSON: refused by the daemon itself, as AWS does.
         assert daemon.invoke(raw=b"hello")[0] == 400
 
-        # Keep-alive, a chunked body and a pipelined pair through the pure-Python parser.
+        # Keep-alive, a chunked body and a pipelined pair through h11.
         conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
         for i in range(20):
             conn.request("POST", "/2015-03-31/functions/function/invocations", body=json.dumps({"i": i}))
@@ -172,7 +189,8 @@ def test_kubernetes_init_container_from_a_pip_install_builds_the_single_file(tmp
     assert built.stat().st_mode & 0o777 == 0o755
     with zipfile.ZipFile(built) as archive:
         names = set(archive.namelist())
-    assert {"__main__.py", "lambda_rapid/cli.py", "lambda_rapid/http/pyparser.py", "aio_pika/__init__.py"} <= names
+    assert {"__main__.py", "lambda_rapid/cli.py", "lambda_rapid/http/h11_parser.py", "h11/__init__.py",
+            "aio_pika/__init__.py"} <= names
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
     daemon = start_single_file(sys.executable, built, [*RIC, "echo.handler"], AWS_LAMBDA_FUNCTION_NAME="echo-lambda")
     try:
@@ -264,13 +282,13 @@ def test_amqp_and_lambda_server_from_single_files(bin_dir, version):
 @pytest.mark.timeout(600)
 def test_security_suite_on_the_single_files_code_paths():
     """tests/test_security.py (bad HTTP, slow clients, limits) again, with httptools and uvloop
-    hidden in every process: the daemon then runs on asyncio and lambda_rapid.http.pyparser, as the
-    single file does on any python3."""
+    hidden in every process: the daemon then runs on asyncio and h11, as the single file does on
+    any python3."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(ROOT / "tools" / "pure-python")
-    probe = subprocess.run([sys.executable, "-c", "import lambda_rapid.http.server as h; print(h.httptools.__name__)"],
+    probe = subprocess.run([sys.executable, "-c", "import lambda_rapid.http.server as h; print(h.BACKEND.__name__)"],
                            env=env, capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "lambda_rapid.http.pyparser", probe.stderr
+    assert probe.stdout.strip() == "lambda_rapid.http.h11_parser", probe.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_security.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]

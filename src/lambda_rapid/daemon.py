@@ -31,6 +31,7 @@ from .sandbox.runtime_api import RuntimeApi
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the runtimes at exit (AWS: 2 s for extensions)
+IDLE_CLOSE_TIMEOUT = 2.0  # at exit, how long kept-alive Invoke API connections may take to become idle
 
 
 class StartupError(Exception):
@@ -140,11 +141,14 @@ class Daemon:
             if inv.log is not None:
                 inv.add_log(data)
 
-    def _runtime_exited(self, instance: Instance, status: str) -> None:
-        # What the runtime sent before it died (the last piece of a streamed response) is already
-        # in its sockets when its exit is seen, and the loop reads sockets ready in the same poll
-        # before it runs what is scheduled now: so the crash is handled once that is read.
-        self.loop.call_soon(self._runtime_gone, instance, status)
+    def _runtime_exited(self, instance: Instance, status: str, tries: int = 0) -> None:
+        """The runtime process has exited. What it sent before (a streamed piece, a /response) is
+        in its sockets already, maybe on a connection not accepted yet (asyncio accepts over a few
+        loop iterations): let the loop read it first, 5 ms and as long as bytes wait (0.1 s at most)."""
+        if tries == 0 or (tries < 20 and self.runtime_http.unread(instance)):
+            self.loop.call_later(0.005, self._runtime_exited, instance, status, tries + 1)
+            return
+        self._runtime_gone(instance, status)
 
     def _runtime_gone(self, instance: Instance, status: str) -> None:
         self.pool.instance_exited(instance, status)  # first: its invocations are answered with why
@@ -221,6 +225,7 @@ class Daemon:
     async def shutdown(self) -> None:
         pool = self.pool
         pool.stop_accepting()
+        self.invoke_http.start_draining()  # every answer from now on closes its connection
         if self.reloader is not None:
             await self.reloader.stop()
         if self.amqp is not None:
@@ -233,6 +238,10 @@ class Daemon:
         pool.reject_queued()
         if self.amqp is not None:
             await self.amqp.close()
+        # A request sent gets an answer or a refused connection, never a silent close: stop
+        # accepting, then close kept-alive connections only while no request is on them.
+        await self.invoke_http.stop_accepting()
+        await self.invoke_http.close_idle(IDLE_CLOSE_TIMEOUT)
         self.invoke_http.close()
         if self.function_url_http is not None:
             self.function_url_http.close()

@@ -15,7 +15,9 @@ from typing import Optional
 SYNC_REQUEST_LIMIT = 6_291_456  # bytes of payload AWS takes for RequestResponse (and DryRun)
 EVENT_REQUEST_LIMIT = 1_048_576  # ... and for Event (invoke.contract.body_limit applies them)
 RESPONSE_LIMIT = 6_291_556
-STREAM_RESPONSE_LIMIT = 20_971_520  # AWS: streamed responses may be up to 20 MB
+# Streamed responses may be up to 200 MB (AWS raised it from 20 MB in 2025: "response streaming functions
+# can return payloads up to 200 MB", https://docs.aws.amazon.com/lambda/latest/dg/configuration-response-streaming.html).
+STREAM_RESPONSE_LIMIT = 209_715_200
 _COMPACT = (",", ":")  # AWS writes its error bodies without spaces
 
 
@@ -79,10 +81,9 @@ def exit_error(request_id: str, status: str) -> bytes:
                           f"RequestId: {request_id} Error: Runtime exited with error: {status}")
 
 
-def response_too_large_error() -> bytes:
-    return function_error(
-        "Function.ResponseSizeTooLarge",
-        f"Response payload size exceeded maximum allowed payload size ({RESPONSE_LIMIT} bytes).")
+def response_too_large_error(limit: int = RESPONSE_LIMIT) -> bytes:
+    return function_error("Function.ResponseSizeTooLarge",
+                          f"Response payload size exceeded maximum allowed payload size ({limit} bytes).")
 
 
 def spawn_error(request_id: str, reason: str) -> bytes:

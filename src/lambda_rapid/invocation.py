@@ -103,11 +103,13 @@ class Invocation:
         if len(buf) > 2 * TAIL_BYTES:
             del buf[:-TAIL_BYTES]
 
-    def stream(self, data: bytes) -> None:
-        """A piece of a streamed response; dropped once the invocation has ended (timed out, crashed)."""
+    def stream(self, data: bytes) -> Optional[object]:
+        """A piece of a streamed response; dropped once the invocation has ended (timed out, crashed).
+        Returns what ``on_chunk`` returns: the caller's request while its socket is full (backpressure)."""
         callback = self.on_chunk
         if callback is not None and not self.done:
-            callback(data)
+            return callback(data)
+        return None
 
     def finish(self, result: Result) -> None:
         """Deliver the result once; later calls (a late response after a timeout) are ignored."""

@@ -220,8 +220,8 @@ class Pool:
     def error(self, request_id: str, body: bytes, error_type: Optional[str]) -> bool:
         return self._answer(request_id, FUNCTION_ERROR, errors.runtime_error_body(body, error_type))
 
-    def response_too_large(self, request_id: str) -> bool:
-        return self._answer(request_id, FUNCTION_ERROR, errors.response_too_large_error())
+    def response_too_large(self, request_id: str, limit: int = errors.RESPONSE_LIMIT) -> bool:
+        return self._answer(request_id, FUNCTION_ERROR, errors.response_too_large_error(limit))
 
     def _answer(self, request_id: str, outcome: str, body: bytes) -> bool:
         inv = self.in_flight.pop(request_id, None)

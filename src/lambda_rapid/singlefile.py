@@ -4,7 +4,7 @@ nothing installed.
 
 Used by ``tools/build_zipapp.py`` (``bin/``, from the sources) and by ``KUBERNETES_INIT_CONTAINER``
 run from a pip install (``/tmp/lambda-runtime-api-daemon``, from the installed package). C
-extensions are left out: the daemon then runs the default asyncio loop and its own HTTP parser, and
+extensions are left out: the daemon then runs the default asyncio loop and h11 instead of httptools, and
 yarl, multidict and propcache their pure-Python fallbacks. Same inputs, same bytes out (sorted
 entries, fixed timestamps). Nothing here is imported by the daemon's serving path.
 """
@@ -23,6 +23,7 @@ from typing import Iterable, Tuple
 from . import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+HTTP_DISTRIBUTIONS = ("h11",)  # the HTTP/1.1 parser used without httptools; pure Python, one copy for every Python
 AMQP_DISTRIBUTIONS = ("aio-pika", "aiormq", "pamqp", "yarl", "multidict", "propcache", "idna")
 SKIP_SUFFIXES = (".so", ".pyd", ".dylib", ".c", ".h", ".pyx", ".pxd", ".pyi", ".pyc")
 SKIP_METADATA = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "entry_points.txt")
@@ -66,11 +67,14 @@ class BuildError(Exception):
 
 
 def package_files(package_dir: Path = PACKAGE_DIR) -> dict:
-    """Archive name -> bytes for the lambda_rapid package (sources only)."""
+    """Archive name -> bytes for the lambda_rapid package (sources only) and the HTTP parser it
+    falls back to without httptools (h11)."""
     files = {}
     for path in sorted(package_dir.rglob("*.py")):
         if "__pycache__" not in path.parts:
             files["lambda_rapid/" + path.relative_to(package_dir).as_posix()] = path.read_bytes()
+    for name in HTTP_DISTRIBUTIONS:
+        files.update(distribution_files(name))
     return files
 
 

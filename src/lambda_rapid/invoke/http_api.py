@@ -192,12 +192,14 @@ class _StreamReply:
         self.started = True
         self.request.start(200, self.headers)
 
-    def chunk(self, data: bytes) -> None:
+    def chunk(self, data: bytes) -> Optional[Request]:
+        """Send one piece; returns the caller's request while its socket is full, and the runtime's
+        streamed /response is not read until it drains (a slow reader is not buffered for)."""
         if not data:
-            return
+            return None
         if not self.started:
             self.start()
-        self.request.write(eventstream.payload_chunk(data))
+        return self.request.write(eventstream.payload_chunk(data))
 
 
 def _error_fields(body: bytes) -> tuple:

@@ -135,10 +135,10 @@ class RuntimeApi:
         holder = pool.holder(request_id)
         if holder is None or not self._answers_for(request, holder):
             return self._invalid_id(request, request_id)
-        if request.too_large:
-            pool.response_too_large(request_id)
+        if request.too_large:  # request.limit: 6291556 bytes, or 200 MB for a response streamed to its caller
+            pool.response_too_large(request_id, request.limit)
             return request.respond_json(413, errors.runtime_api_error(
-                "RequestEntityTooLarge", f"Exceeded maximum allowed payload size ({errors.RESPONSE_LIMIT} bytes)."))
+                "RequestEntityTooLarge", f"Exceeded maximum allowed payload size ({request.limit} bytes)."))
         # Let the runtime go back to /next first: at one connection per runtime, its turnaround,
         # not the caller's, is what bounds the rate.
         request.respond_json(202, ACCEPTED)
