@@ -4,8 +4,8 @@
 Each is a zipapp (``#!/usr/bin/env python3`` + a zip archive, made by ``lambda_rapid.singlefile``)
 holding the ``lambda_rapid`` package from ``src/``, h11 (the HTTP/1.1 parser used without
 httptools) and the pure-Python parts of the AMQP client (aio-pika, aiormq, pamqp, yarl, multidict,
-propcache, idna), copied from the Python that runs this script (so run it with the project's venv: ``.venv/bin/python tools/build_zipapp.py``).
-C extensions are left out: the daemon then uses the default asyncio loop instead of uvloop, h11
+propcache, idna), copied from the Python that runs this script (so run it with the project's
+venv: ``.venv/bin/python tools/build_zipapp.py``). C extensions are left out: the daemon then uses the default asyncio loop instead of uvloop, h11
 (through ``lambda_rapid.http.h11_parser``) instead of httptools, and the pure-Python fallbacks of
 yarl, multidict and propcache.
 
