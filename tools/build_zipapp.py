@@ -2,12 +2,12 @@
 """Build the single-file executables ``bin/lambda-runtime-api-daemon`` and ``bin/lambda-server``.
 
 Each is a zipapp (``#!/usr/bin/env python3`` + a zip archive, made by ``lambda_rapid.singlefile``)
-holding the ``lambda_rapid`` package from ``src/``, h11 (the HTTP/1.1 parser used without
-httptools) and the pure-Python parts of the AMQP client (aio-pika, aiormq, pamqp, yarl, multidict,
-propcache, idna), copied from the Python that runs this script (so run it with the project's
-venv: ``.venv/bin/python tools/build_zipapp.py``). C extensions are left out: the daemon then uses the default asyncio loop instead of uvloop, h11
-(through ``lambda_rapid.http.h11_parser``) instead of httptools, and the pure-Python fallbacks of
-yarl, multidict and propcache.
+holding the ``lambda_rapid`` package from ``src/``, h11 (the HTTP/1.1 parser used without httptools)
+and the pure-Python parts of the AMQP client (aio-pika, aiormq, pamqp, yarl, multidict, propcache,
+idna), copied from the Python that runs this script (so run it with the project's venv:
+``.venv/bin/python tools/build_zipapp.py``). C extensions are left out: the daemon then uses the
+default asyncio loop instead of uvloop, h11 (through ``lambda_rapid.http.h11_parser``) instead of
+httptools, and the pure-Python fallbacks of yarl, multidict and propcache.
 
 Needs at run time: any ``python3`` >= 3.9, nothing installed. aio-pika 10 needs Python 3.11, so,
 as ``pyproject.toml`` does for pip, the archive also carries aio-pika 9.4.3 and the versions of its
