@@ -33,6 +33,8 @@ FUNCTION_URL_INVOKE_MODES = ("BUFFERED", "RESPONSE_STREAM")
 # RabbitMQ queue types the function's queue can be (its x-queue-type); quorum queues are always
 # durable and never auto-delete (https://www.rabbitmq.com/docs/quorum-queues#feature-matrix).
 QUEUE_TYPES = ("classic", "quorum")
+# AWS_LAMBDA_INITIALIZATION_TYPE of a SnapStart function (what awslambdaric's bootstrap checks).
+SNAP_START = "snap-start"
 
 
 class ConfigError(Exception):
@@ -59,6 +61,12 @@ class Config:
     min_instances: int = 0
     max_queued: int = 1000
     runtime_max_concurrency: int = 1
+    # AWS_LAMBDA_MAX_CONCURRENCY is set: AWS's Lambda Managed Instances rules apply to extensions and
+    # the Telemetry API (sandbox/extensions_api.py, sandbox/telemetry.py).
+    managed_instances: bool = False
+    # AWS_LAMBDA_INITIALIZATION_TYPE as the runtime sees it (the user's value, else on-demand);
+    # "snap-start" turns on the SnapStart phases (sandbox/lifecycle.py).
+    initialization_type: str = "on-demand"
     amqp_uri: Optional[str] = None
     # The function's queue outlives its daemons (KEDA scale-to-zero) and broker restarts; False is
     # the Go daemon's non-durable auto-delete queue.
@@ -81,6 +89,10 @@ class Config:
     @property
     def function_arn(self) -> str:
         return function_arn(self.region, self.function_name)
+
+    @property
+    def snap_start(self) -> bool:
+        return self.initialization_type == SNAP_START
 
 
 # ---- value parsers: each names the variable and the bad value -------------------------------
@@ -330,7 +342,8 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         function_name=name, function_version=version, region=region,
         timeout=timeout, memory_size=memory, idle_timeout=idle, init_timeout=init_timeout,
         max_concurrency=max_conc, min_instances=min_inst, max_queued=max_queued,
-        runtime_max_concurrency=runtime_conc,
+        runtime_max_concurrency=runtime_conc, managed_instances="AWS_LAMBDA_MAX_CONCURRENCY" in env,
+        initialization_type=runtime_env["AWS_LAMBDA_INITIALIZATION_TYPE"],
         amqp_uri=amqp_uri, amqp_durable=durable, amqp_queue_type=queue_type,
         print_reports=flags_bool["PRINT_REPORTS"], log_level=log_level, structured_logging=structured,
         enable_openfaas=flags_bool["ENABLE_OPENFAAS"],

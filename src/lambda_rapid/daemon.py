@@ -66,7 +66,7 @@ class Daemon:
         self.pool = Pool(config, launcher=self._launch, killer=self.sandboxes.kill, output=self.sink.write,
                          hooks=self.sandboxes)
         self.extensions_api = ExtensionsApi(config, self.sandboxes)
-        self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes())
+        self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes(), restore=self.sandboxes)
         self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool), ready=self.ready)
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
         self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)

@@ -43,9 +43,11 @@ REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "mes
 TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
 SERVICE = ApiError(503, "ServiceException", "Service", "Message")
 BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
+# "The afterRestore() runtime hook encountered an error" (botocore's Lambda model: 400, Type/Message).
+SNAP_START = ApiError(400, "SnapStartException", "User", "Message")
 # By x-amzn-ErrorType, for a door that relays another's refusal (ServiceException: the 503 one).
 API_ERRORS = {e.code: e for e in (INVALID_REQUEST_CONTENT, INVALID_PARAMETER_VALUE, RESOURCE_NOT_FOUND,
-                                  REQUEST_TOO_LARGE, TOO_MANY_REQUESTS, SERVICE)}
+                                  REQUEST_TOO_LARGE, TOO_MANY_REQUESTS, SERVICE, SNAP_START)}
 
 
 def throttled_body() -> bytes:

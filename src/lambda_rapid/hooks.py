@@ -64,6 +64,10 @@ class PoolControl(Protocol):
         """The sandbox's init failed (an extension's fault): one waiting invocation gets
         ``error_type``/``message``; the instance is stopped (its group killed after ``grace`` s)."""
 
+    def fail_restore(self, instance: Instance, message: str, grace: float = 0.0) -> None:
+        """SnapStart: an after-restore hook of ``instance`` failed: one waiting invocation gets the
+        Invoke API's ``SnapStartException`` with ``message``; the instance is stopped."""
+
     def fail_running(self, instance: Instance, error_type: str, message: str, reason: StopReason) -> None:
         """Something outside the runtime broke a running instance: its invocations end with
         ``error_type``/``message`` and the instance is stopped."""

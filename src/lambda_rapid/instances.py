@@ -30,7 +30,9 @@ RETURN_GRACE = 0.02  # seconds a queued invocation waits for a just-answered ins
 
 
 class InstanceState(enum.Enum):
-    STARTING = "starting"  # spawned; its runtime has not asked for work yet (its init runs)
+    # spawned; its runtime has not asked for work yet (its init runs, and for SnapStart its restore:
+    # the sandbox's phases, sandbox/environment.py)
+    STARTING = "starting"
     READY = "ready"  # takes invocations
     STOPPING = "stopping"  # out of service for good (``stop_reason`` says why); its processes are ending
     DEAD = "dead"  # its runtime process exited and was reaped
@@ -57,6 +59,7 @@ class StopReason(enum.Enum):
     RELOAD = "reload"  # the function's code changed (RELOAD_ON_CHANGE)
     EXTENSION_CRASH = "extension_crash"
     EXTENSION_ERROR = "extension_error"
+    RESTORE_ERROR = "restore_error"  # SnapStart: an after-restore hook failed (POST /runtime/restore/error)
     EXITED = "exited"  # nobody stopped it: its runtime exited by itself
 
 
@@ -80,7 +83,7 @@ class Instance:
     """One runtime process group (or a runtime started by hand, ``external``)."""
 
     __slots__ = ("number", "external", "state", "timer", "stop_reason", "process", "held", "waiters",
-                 "returning", "spawned_at", "init_ms", "idle_since")
+                 "returning", "spawned_at", "init_ms", "idle_since", "restore_started", "restored")
 
     def __init__(self, number: int, external: bool = False) -> None:
         self.number = number
@@ -93,8 +96,12 @@ class Instance:
         self.waiters = 0  # its workers parked in /next
         self.returning = 0  # workers that answered and are on their way back to /next
         self.spawned_at = time.monotonic()
-        self.init_ms: Optional[float] = None  # init duration not reported yet (goes to its first invocation)
+        # Its cold start, not reported yet (goes to its first invocation): the init duration, or for
+        # a SnapStart instance (``restored``) the restore's.
+        self.init_ms: Optional[float] = None
         self.idle_since = self.spawned_at
+        self.restore_started: Optional[float] = None  # SnapStart: when its restore began (monotonic)
+        self.restored = False  # SnapStart: it was restored; its first REPORT shows the Restore Duration
 
     @property
     def pid(self) -> int:
@@ -149,7 +156,7 @@ class InstanceSet:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
                  launcher: Callable[[Instance], RuntimeProcess], killer: Callable[[Instance, int], None],
                  hooks: SandboxHooks, metrics: Metrics, waiting: Sized, demand: Demand,
-                 fail_waiting: Callable[[Callable[[str], bytes]], None],
+                 fail_waiting: Callable[[Callable[[str], bytes], Optional[errors.ApiError]], None],
                  forget_capacity: Callable[[Instance], None]) -> None:
         self.config = config
         self.loop = loop
@@ -159,7 +166,8 @@ class InstanceSet:
         self.metrics = metrics
         self.waiting = waiting  # the pool's wait queue (only its length is read here)
         self.demand = demand
-        # Answers the oldest waiting invocation (if any) with the body built for its request id.
+        # Answers the oldest waiting invocation (if any) with the body built for its request id (an
+        # Invoke API error if one is given, else a function error).
         self.fail_waiting = fail_waiting
         self.forget_capacity = forget_capacity  # the instance takes no more work: drop its parked /next
         self.all: List[Instance] = []
@@ -241,9 +249,15 @@ class InstanceSet:
         return instance
 
     def ready(self, instance: Instance) -> None:
-        """The instance's runtime asked for work for the first time: its init is done."""
+        """The instance's runtime asked for work for the first time: its init (and restore) is done."""
         self._advance(instance, READY)
-        instance.init_ms = (time.monotonic() - instance.spawned_at) * 1000
+        now = time.monotonic()
+        if instance.restore_started is not None:
+            instance.restored = True
+            instance.init_ms = (now - instance.restore_started) * 1000
+            log.debug("instance #%d restored in %.1f ms", instance.number, instance.init_ms)
+            return
+        instance.init_ms = (now - instance.spawned_at) * 1000
         log.debug("instance #%d ready after %.1f ms", instance.number, instance.init_ms)
 
     def _init_timed_out(self, instance: Instance) -> None:
@@ -260,12 +274,13 @@ class InstanceSet:
         self.init_failed(instance, body, StopReason.INIT_TIMEOUT)
 
     def init_failed(self, instance: Instance, make_body: Callable[[str], bytes], reason: StopReason,
-                    grace: float = 0.0) -> None:
-        """A starting instance will never be ready: one waiting invocation gets why, the instance stops."""
+                    grace: float = 0.0, api_error: Optional[errors.ApiError] = None) -> None:
+        """A starting instance will never be ready: one waiting invocation gets why (a function error,
+        or the Invoke API's ``api_error``), the instance stops."""
         if instance.state is not STARTING:
             return
         self.metrics.init_failures += 1
-        self.fail_waiting(make_body)
+        self.fail_waiting(make_body, api_error)
         self.kill(instance, reason, grace)
 
     def init_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> None:

@@ -250,6 +250,11 @@ class Pool:
         self.instances.init_failed(instance, lambda request_id: errors.function_error(
             error_type, f"RequestId: {request_id} Error: {message}"), StopReason.INIT_ERROR, grace)
 
+    def fail_restore(self, instance: Instance, message: str, grace: float = 0.0) -> None:
+        body = errors.SNAP_START.body(message)
+        self.instances.init_failed(instance, lambda request_id: body, StopReason.RESTORE_ERROR, grace,
+                                   api_error=errors.SNAP_START)
+
     def fail_running(self, instance: Instance, error_type: str, message: str, reason: StopReason) -> None:
         self._end_held(instance, lambda inv: Result(FUNCTION_ERROR, errors.function_error(
             error_type, f"RequestId: {inv.request_id} Error: {message}"), True))
@@ -285,15 +290,16 @@ class Pool:
         self.returning -= instance.returning
         instance.returning = 0
 
-    def _fail_waiting(self, make_body: Callable[[str], bytes]) -> None:
-        """An init failed: the oldest waiting invocation (if any) gets the error built for it."""
+    def _fail_waiting(self, make_body: Callable[[str], bytes], api_error: Optional[errors.ApiError] = None) -> None:
+        """An init failed: the oldest waiting invocation (if any) gets the error built for it (a
+        function error, or the Invoke API's ``api_error``)."""
         victim = self.queue.pop_live()
         body = make_body("" if victim is None else victim.request_id)
         if victim is None:
             return
         self.accepted.pop(victim.request_id, None)
         self.metrics.outcomes[INIT_ERROR] += 1
-        victim.finish(Result(INIT_ERROR, body, True))
+        victim.finish(Result(INIT_ERROR, body, api_error is None, api_error=api_error))
         self._check_drained()
 
     # ---- shutdown ------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ deaf-*       like telemetry-*, but its listener accepts connections and never an
 tcp-*        like telemetry-*, with a TCP destination (NDJSON)
 die-*        like rec-*, but the first one started exits with status 1 on its first INVOKE
 busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its next event/next
+linger-*     like telemetry-*, but after SHUTDOWN it waits LINGER_SECONDS (default 1) for the last
+             telemetry before it exits, as AWS's sample extensions do
+lmi-*        for Lambda Managed Instances: records the answers to registering for INVOKE, to a Telemetry
+             subscription with schema 2022-12-13 and to the Logs API, then registers for SHUTDOWN only
+             and subscribes with schema 2025-01-29 (records what it gets, like telemetry-*)
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
 """
@@ -115,6 +120,8 @@ def event_loop(ident, on_first_invoke=None):
             first = False
             on_first_invoke()
         if event["eventType"] == "SHUTDOWN":
+            if KIND == "linger":
+                time.sleep(float(os.environ.get("LINGER_SECONDS", "1")))
             record("exit")
             sys.exit(0)
         if KIND == "die" and not died_before():
@@ -179,6 +186,11 @@ def subscribe(ident):
         body["destination"] = {"protocol": "TCP", "URI": f"localhost:{port}"}
     if api.startswith("/2022"):
         body["schemaVersion"] = "2022-12-13"
+    if KIND == "lmi":
+        headers = {"Lambda-Extension-Identifier": ident}
+        record("lmi_old_schema", answer=answer(*_sb(call("PUT", api, body, headers))))
+        record("lmi_logs_api", answer=answer(*_sb(call("PUT", "/2020-08-15/logs", body, headers))))
+        body["schemaVersion"] = "2025-01-29"
     status, _, answer_body = call("PUT", api, body, {"Lambda-Extension-Identifier": ident})
     record("subscribed", status=status, body=answer_body.decode())
 
@@ -200,7 +212,9 @@ def main():
         def late():
             record("late", answer=answer(*_sb(register(name="late-comer", events=("INVOKE",)))))
         event_loop(ident, late)
-    status, headers, body = register()
+    if KIND == "lmi":
+        record("lmi_invoke", answer=answer(*_sb(register())))
+    status, headers, body = register(events=("SHUTDOWN",) if KIND == "lmi" else ("INVOKE", "SHUTDOWN"))
     ident = headers["lambda-extension-identifier"]
     record("registered", status=status, body=json.loads(body), id=ident)
     print(f"[{NAME}] registered", flush=True)
@@ -213,7 +227,7 @@ def main():
         time.sleep(0.1)  # it reads the answer a little later, as a busy extension may
         record("init_error", status=conn.getresponse().status)
         sys.exit(0)  # AWS: the extension should exit after it receives the response
-    if KIND in ("telemetry", "logs", "stall", "deaf", "tcp"):
+    if KIND in ("telemetry", "logs", "stall", "deaf", "tcp", "linger", "lmi"):
         subscribe(ident)
     event_loop(ident)
 

@@ -25,6 +25,7 @@ from .telemetry import Telemetry
 if TYPE_CHECKING:
     from ..hooks import PoolControl
     from ..pool import Waiter
+    from .runtime_api import RestoreNext
 
 _JSON = b"content-type: application/json\r\n"
 
@@ -32,16 +33,20 @@ _JSON = b"content-type: application/json\r\n"
 class SandboxPhase(enum.Enum):
     REGISTERING = "registering"  # the runtime is held (SIGSTOP) until every external extension registered
     INITIALIZING = "initializing"  # the runtime's init runs; its first /next waits for every extension
+    # SnapStart: init done and "snapshot taken" (none is: the process lives on); the runtime was told
+    # it is restored (restore/next answered) and runs its after-restore hooks until its first /next
+    RESTORING = "restoring"
     READY = "ready"  # init done; after each invocation /next waits until the extensions are back
     FAILED = "failed"  # the init failed: nothing is held or delivered any more; the group is torn down
     SHUTTING_DOWN = "shutting_down"  # SHUTDOWN sent; what is left of the group is killed after the grace
     GONE = "gone"  # the runtime and every extension have exited
 
 
-REGISTERING, INITIALIZING, READY, FAILED, SHUTTING_DOWN, GONE = SandboxPhase
+REGISTERING, INITIALIZING, RESTORING, READY, FAILED, SHUTTING_DOWN, GONE = SandboxPhase
 _PHASES = {
     REGISTERING: frozenset((INITIALIZING, FAILED, SHUTTING_DOWN, GONE)),
-    INITIALIZING: frozenset((READY, FAILED, SHUTTING_DOWN, GONE)),
+    INITIALIZING: frozenset((READY, RESTORING, FAILED, SHUTTING_DOWN, GONE)),
+    RESTORING: frozenset((READY, FAILED, SHUTTING_DOWN, GONE)),
     READY: frozenset((SHUTTING_DOWN, GONE)),
     FAILED: frozenset((GONE,)),
     SHUTTING_DOWN: frozenset((GONE,)),
@@ -137,12 +142,16 @@ class Sandbox:
         self.children: dict = {}  # external extension name -> its process (Child) while it runs
         self.extensions: Dict[str, Extension] = {}
         self.telemetry = telemetry
+        self.instance_id = ""  # the Telemetry API's instanceId (its log stream name)
         self.phase = READY if instance is None else REGISTERING if files else INITIALIZING
         # READY: the post-invoke deadline; SHUTTING_DOWN: the group's SIGKILL.
         self.timer: Optional[asyncio.TimerHandle] = None
         self.held: List[Waiter] = []  # runtime /next calls held until the extensions are ready
         self.deadline_ms = 0  # of the invocation last handed to the extensions
         self.started = time.monotonic()
+        # SnapStart: the runtime's GET /restore/next, held until the init is complete
+        self.restore_next: Optional[RestoreNext] = None
+        self.restore_started = 0.0  # SnapStart: when the restore began (monotonic)
 
     def advance(self, phase: SandboxPhase, timer: Optional[asyncio.TimerHandle] = None) -> None:
         """Move to ``phase`` (the previous phase's timer is cancelled, ``timer`` is the new one's)."""

@@ -6,6 +6,13 @@ Thin: requests are validated here, their effects on the sandbox (the register ga
 stopping an instance) are lifecycle.py's. Calls arrive on the instance's own Runtime API listener,
 so the sandbox of a call is known exactly; the main port has one shared sandbox for runtimes and
 extensions started by hand.
+
+With ``AWS_LAMBDA_MAX_CONCURRENCY`` set, AWS's Lambda Managed Instances rules apply: extensions cannot
+subscribe to ``INVOKE`` ("extensions cannot subscribe to the INVOKE event on Managed Instances due to
+the concurrent execution model", https://docs.aws.amazon.com/lambda/latest/dg/telemetry-schema-reference.html),
+internal extensions to nothing, and there is no Logs API; the answers are those of AWS's RAPID for
+Managed Instances (aws-lambda-runtime-interface-emulator, internal/lambda-managed-instances:
+rapi/handler/agentregister.go, core/externalagent.go ValidateExternalAgentEvent, rapi/router.go).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from ..http.server import Request, header
 from ..instances import INIT_ERROR_GRACE, Instance, StopReason
 from ..invocation import is_uuid
 from . import platform_events
-from .environment import FAILED, GONE, READY, SHUTTING_DOWN, Extension
+from .environment import FAILED, GONE, READY, RESTORING, SHUTTING_DOWN, Extension
 from .lifecycle import SandboxLifecycle
 from .telemetry import SubscribeError
 
@@ -30,6 +37,7 @@ TELEMETRY_PATH = "/2022-07-01/telemetry"
 LOGS_PATH = "/2020-08-15/logs"
 MAX_EXTENSIONS = 10
 EVENTS = ("INVOKE", "SHUTDOWN")
+MANAGED_INSTANCES_EVENTS = ("SHUTDOWN",)  # of external extensions; internal ones may register for none
 ACCEPTED = b'{"status":"OK"}'
 
 
@@ -83,6 +91,15 @@ class ExtensionsApi:
             return self._forbidden(request, "Extension.RegistrationClosed", "Extension registration closed already")
         external = name in sandbox.files or sandbox.instance is None
         # Validate everything before changing anything: a refused registration leaves no trace.
+        if self.config.managed_instances:
+            if not external and events:
+                return self._forbidden(request, "Extension.InvalidEventType",
+                                       "No events allowed for internal extensions")
+            for event in events:
+                if event not in MANAGED_INSTANCES_EVENTS:
+                    return self._forbidden(request, "Extension.InvalidEventType",
+                                           f"{event}: ErrorInvalidEventType (on Lambda Managed Instances "
+                                           "extensions can register for SHUTDOWN only)")
         for event in events:
             if event not in EVENTS:
                 return self._forbidden(request, "Extension.InvalidEventType",
@@ -94,7 +111,7 @@ class ExtensionsApi:
             return self._forbidden(request, "Extension.InvalidExtensionState",
                                    f"State transition from Registered to Registered failed for extension {name}. "
                                    f"Error: extension {name} is already registered")
-        if sandbox.phase is READY and sandbox.instance is not None:
+        if not sandbox.initializing and sandbox.instance is not None:
             return self._forbidden(request, "Extension.RegistrationClosed", "Extension registration closed already")
         if len(sandbox.extensions) >= MAX_EXTENSIONS:
             self._forbidden(request, "Extension.TooManyExtensions", f"Extension limit ({MAX_EXTENSIONS}) reached")
@@ -181,7 +198,7 @@ class ExtensionsApi:
         elif sandbox.initializing:
             kind = error_type if error_type.startswith("Extension.") else "Extension.ExitError"
             self.lifecycle.fail_init(sandbox, kind, text, grace=INIT_ERROR_GRACE)
-        elif sandbox.phase is READY:
+        elif sandbox.phase is READY or sandbox.phase is RESTORING:
             log.warning("instance #%d: %s; stopping the instance", sandbox.instance.number, text)
             sandbox.pool.fail_running(sandbox.instance, "Extension.ExitError", text, StopReason.EXTENSION_ERROR)
 
@@ -190,6 +207,11 @@ class ExtensionsApi:
         self._subscribe(request, instance, "telemetry")
 
     def subscribe_logs(self, request: Request, instance: Instance) -> None:
+        if self.config.managed_instances:
+            # Lambda Managed Instances have no Logs API: AWS's RAPID for them routes no such path.
+            return request.respond_json(404, api_error(
+                "NotFound", f"No route for {request.path}: Lambda Managed Instances have no Logs API; "
+                            "subscribe with the Telemetry API (schemaVersion 2025-01-29)"))
         self._subscribe(request, instance, "logs")
 
     def _subscribe(self, request: Request, instance: Instance, api: str) -> None:

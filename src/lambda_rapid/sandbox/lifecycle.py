@@ -9,6 +9,13 @@
 * ``INVOKE`` to the extensions when an invocation starts; ``SHUTDOWN`` on every kind of stop, with
   AWS's 2 s for external extensions before SIGKILL.
 * Init failures caused by extensions, answered with ``Extension.*`` errors naming the extension.
+* SnapStart (``AWS_LAMBDA_INITIALIZATION_TYPE=snap-start``): the init ends when the runtime asks for
+  ``restore/next`` (after its before-snapshot hooks) and every extension waits; no snapshot is taken,
+  so the instance is "restored" at once: ``restore/next`` is answered, the runtime runs its
+  after-restore hooks and the restore ends with its first ``/next`` (or with ``restore/error``, which
+  fails the invocation waiting for it with ``SnapStartException``). Telemetry gets
+  ``platform.restoreStart``, ``platform.restoreRuntimeDone`` and ``platform.restoreReport``.
+  https://docs.aws.amazon.com/lambda/latest/dg/snapstart-runtime-hooks-custom.html
 
 Every wait is bounded; a broken extension fails its instance, never the daemon. The Extensions API's
 HTTP handlers (extensions_api.py) call in here; the pool is asked for things only through the
@@ -27,16 +34,27 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 from .. import errors
 from ..config import Config
 from ..hooks import PoolControl
-from ..instances import DEAD, STARTING, Instance, StopReason
+from ..instances import DEAD, INIT_ERROR_GRACE, STARTING, Instance, StopReason
 from ..invocation import Invocation, Result
 from ..reports import Report
 from . import platform_events
-from .environment import FAILED, GONE, INITIALIZING, READY, REGISTERING, SHUTTING_DOWN, Extension, Sandbox
+from .environment import (
+    FAILED,
+    GONE,
+    INITIALIZING,
+    READY,
+    REGISTERING,
+    RESTORING,
+    SHUTTING_DOWN,
+    Extension,
+    Sandbox,
+)
 from .process import Child, ProcessManager
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ..pool import Waiter
+    from .runtime_api import RestoreNext
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +64,12 @@ DISABLE_MARKER = "/opt/disable-extensions-jwigqn8j"
 SHUTDOWN_REASONS = {StopReason.IDLE: "spindown", StopReason.SHUTDOWN: "spindown", StopReason.RELOAD: "spindown",
                     StopReason.TIMEOUT: "timeout"}
 INIT_REASONS = (StopReason.INIT_ERROR, StopReason.INIT_TIMEOUT)
+# SnapStart: the error an invocation gets when its instance's after-restore hook failed (botocore's
+# Lambda model, SnapStartException); the runtime's own error is in the function's log.
+RESTORE_FAILED = ("The afterRestore() runtime hook encountered an error. For more information, check the Amazon "
+                  "CloudWatch logs.")
+# AWS's RAPID names of the runtime's states, for a restore call out of turn (core/runtime_state_names.go).
+RUNTIME_STATE_NAMES = {REGISTERING: "Started", INITIALIZING: "Started", RESTORING: "Restoring", READY: "Running"}
 
 
 def find_external_extensions(directory: str) -> List[tuple]:
@@ -81,7 +105,7 @@ class SandboxLifecycle:
             log.info("external extensions in %s: %s", config.extensions_dir, ", ".join(n for n, _ in self.files))
         self.sandboxes: Dict[Instance, Sandbox] = {}
         self.by_id: Dict[str, Extension] = {}
-        self.main = Sandbox(None, None, [], Telemetry(loop))
+        self.main = Sandbox(None, None, [], Telemetry(loop, config.managed_instances))
         self.main.telemetry.init_done()
 
     def sandbox_of(self, instance: Instance) -> Optional[Sandbox]:
@@ -97,7 +121,8 @@ class SandboxLifecycle:
                release: Callable[[], None]) -> None:
         """Right after the runtime process started: hold it, start the external extensions.
         ``release`` frees the instance's listener once the runtime and every extension have exited."""
-        sandbox = Sandbox(instance, pool, self.files, Telemetry(self.loop), release)
+        sandbox = Sandbox(instance, pool, self.files, Telemetry(self.loop, self.config.managed_instances), release)
+        sandbox.instance_id = log_stream
         self.sandboxes[instance] = sandbox
         platform_events.init_start(sandbox.telemetry, self.config, log_stream)
         if not self.files:
@@ -135,8 +160,10 @@ class SandboxLifecycle:
         if sandbox is None:
             return
         sandbox.held.clear()
+        if sandbox.phase is RESTORING:  # it died in its after-restore hooks
+            self._end_restore(sandbox, "failure", "Runtime.ExitError")
         if sandbox.children:
-            if sandbox.phase is READY and instance.stop_reason not in INIT_REASONS:
+            if (sandbox.phase is READY or sandbox.phase is RESTORING) and instance.stop_reason not in INIT_REASONS:
                 self._begin_shutdown(sandbox, SHUTDOWN_REASONS.get(instance.stop_reason, "failure"))
             elif sandbox.phase is not SHUTTING_DOWN:
                 if sandbox.phase is not FAILED:
@@ -190,11 +217,16 @@ class SandboxLifecycle:
         if phase is READY:
             if not sandbox.extensions:
                 return False  # nothing to wait for, ever: the hot path
+        elif phase is RESTORING:
+            self._end_restore(sandbox, "success")  # its first /next: the after-restore hooks are done
+            return False
         elif not sandbox.initializing:
             return False
         if sandbox.all_waiting():
             if phase is not READY:
                 self._init_complete(sandbox)
+                if sandbox.phase is RESTORING:  # SnapStart, and the runtime skipped restore/next
+                    self._end_restore(sandbox, "success")
             return False
         sandbox.held.append(waiter)
         if phase is READY and sandbox.timer is None:
@@ -221,20 +253,27 @@ class SandboxLifecycle:
         sandbox = self.sandbox_of(inv.instance)
         if sandbox is not None:
             try:
-                platform_events.invocation_ended(sandbox.telemetry, inv, result, report)
+                platform_events.invocation_ended(sandbox.telemetry, inv, result, report,
+                                                 self.config.managed_instances)
             except Exception:
                 log.exception("telemetry for %s failed", inv.request_id)
 
     def init_timeout_error(self, instance: Instance, request_id: str) -> Optional[bytes]:
         """If the extensions are why the init timed out, say which."""
         sandbox = self.sandboxes.get(instance)
+        if sandbox is not None and sandbox.phase is RESTORING:
+            # The after-restore hooks outlasted the init timeout (AWS's RAPID reports a restore
+            # timeout as Runtime.Unknown: rapid/handlers.go getFirstFatalError).
+            self._end_restore(sandbox, "timeout", "Runtime.Unknown")
+            sandbox.advance(FAILED)
+            return None
         if sandbox is None or not sandbox.initializing:
             return None
         message = sandbox.blame_for_init_timeout(self.config.init_timeout)
         if message is None:
             return None
         sandbox.advance(FAILED)
-        platform_events.init_failed(sandbox.telemetry, "timeout", "Extension.InitTimeout")
+        platform_events.init_failed(sandbox.telemetry, self.config, "timeout", "Extension.InitTimeout")
         log.error("instance #%d: %s", instance.number, message)
         return errors.function_error("Extension.InitTimeout", f"RequestId: {request_id} Error: {message}")
 
@@ -248,7 +287,8 @@ class SandboxLifecycle:
             sandbox.advance(INITIALIZING)
             if instance.state is not DEAD and instance.pid > 1:
                 _signal(instance.pid, signal.SIGCONT)
-        if sandbox.held and sandbox.all_waiting() and (sandbox.phase is READY or sandbox.initializing):
+        waiting = sandbox.held or sandbox.restore_next is not None
+        if waiting and sandbox.all_waiting() and (sandbox.phase is READY or sandbox.initializing):
             if sandbox.phase is READY:
                 sandbox.cancel_timer()
             else:
@@ -267,9 +307,68 @@ class SandboxLifecycle:
         sandbox.pool.kill(sandbox.instance, StopReason.TIMEOUT)
 
     def _init_complete(self, sandbox: Sandbox) -> None:
-        sandbox.advance(READY)  # registration is closed from now on
-        platform_events.init_done(sandbox.telemetry, (time.monotonic() - sandbox.started) * 1000)
+        # Registration is closed from now on.
+        sandbox.advance(RESTORING if self.config.snap_start else READY)
+        platform_events.init_done(sandbox.telemetry, self.config, (time.monotonic() - sandbox.started) * 1000)
         sandbox.telemetry.init_done()
+        if sandbox.phase is RESTORING:
+            self._begin_restore(sandbox)
+
+    # ---- SnapStart -------------------------------------------------------------------------------
+    def restore_next(self, instance: Instance, waiter: RestoreNext) -> Optional[str]:
+        """GET /restore/next: the runtime's init (and its before-snapshot hooks) is done. Its answer
+        waits for the extensions, as the first /next does; then the instance is restored at once."""
+        if instance.external:
+            waiter.restored()  # a runtime started by hand: nothing to snapshot, nothing reported
+            return None
+        sandbox = self.sandboxes.get(instance)
+        held = None if sandbox is None else sandbox.restore_next
+        if sandbox is None or not sandbox.initializing or (held is not None and held.alive):
+            return self._out_of_turn(sandbox, "Ready")
+        sandbox.restore_next = waiter
+        if sandbox.all_waiting():
+            self._init_complete(sandbox)
+        return None
+
+    def restore_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> Optional[str]:
+        """POST /restore/error: an after-restore hook failed (awslambdaric exits right after the 202).
+        The invocation waiting for this instance gets SnapStartException; the next one a fresh instance."""
+        if instance.external:
+            log.warning("a runtime started by hand reported a restore error: %s", body[:500])
+            return None
+        sandbox = self.sandboxes.get(instance)
+        if sandbox is None or sandbox.phase is not RESTORING:
+            return self._out_of_turn(sandbox, "RuntimeRestoreErrorState")
+        error_type = error_type or "Runtime.Unknown"
+        log.error("instance #%d: after-restore hook failed (%s): %s", instance.number, error_type, body[:500])
+        self._end_restore(sandbox, "error", error_type)
+        # Its extensions are past their init (registered before the "snapshot"): they get SHUTDOWN
+        # (failure) and their 2 s, with the telemetry sent, as when a runtime fails after init.
+        self._begin_shutdown(sandbox, "failure")
+        sandbox.pool.fail_restore(instance, RESTORE_FAILED, INIT_ERROR_GRACE)
+        return None
+
+    @staticmethod
+    def _out_of_turn(sandbox: Optional[Sandbox], to: str) -> str:
+        state = "Running" if sandbox is None else RUNTIME_STATE_NAMES.get(sandbox.phase, "Running")
+        return f"State transition from {state} to {to} failed for runtime. Error: State transition is not allowed"
+
+    def _begin_restore(self, sandbox: Sandbox) -> None:
+        """Init is complete; the snapshot would be taken now and restored later: at once, here."""
+        sandbox.restore_started = time.monotonic()
+        sandbox.instance.restore_started = sandbox.restore_started  # its first REPORT: the Restore Duration
+        platform_events.restore_start(sandbox.telemetry, self.config, sandbox.instance_id)
+        waiter, sandbox.restore_next = sandbox.restore_next, None
+        if waiter is not None:
+            waiter.restored()
+
+    def _end_restore(self, sandbox: Sandbox, status: str, error_type: Optional[str] = None) -> None:
+        """The after-restore hooks ended; a successful restore makes the sandbox READY (after a failed
+        one the caller tears it down)."""
+        if status == "success":
+            sandbox.advance(READY)
+        platform_events.restore_done(sandbox.telemetry, status, (time.monotonic() - sandbox.restore_started) * 1000,
+                                     error_type)
 
     def fail_init(self, sandbox: Sandbox, error_type: str, message: str, grace: float = 0.0) -> None:
         """The sandbox's init failed because of an extension: the waiting invocation gets why."""
@@ -278,7 +377,7 @@ class SandboxLifecycle:
             return
         sandbox.advance(FAILED)
         log.error("instance #%d: %s: %s", instance.number, error_type, message)
-        platform_events.init_failed(sandbox.telemetry, "failure", error_type)
+        platform_events.init_failed(sandbox.telemetry, self.config, "failure", error_type)
         sandbox.pool.fail_init(instance, error_type, message, grace)
 
     # ---- stopping --------------------------------------------------------------------------------
@@ -287,7 +386,7 @@ class SandboxLifecycle:
         SIGKILL what is left after 2 s; the runtime goes at once."""
         sandbox = self.sandboxes.get(instance)
         if (sandbox is not None and sandbox.children and instance.stop_reason not in INIT_REASONS
-                and (sandbox.phase is READY or sandbox.phase is SHUTTING_DOWN)):
+                and sandbox.phase in (READY, RESTORING, SHUTTING_DOWN)):
             self._begin_shutdown(sandbox, SHUTDOWN_REASONS.get(instance.stop_reason, "failure"))
             if instance.pid in self.procs.children:
                 _signal(instance.pid, signal.SIGKILL)
