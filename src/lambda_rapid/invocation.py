@@ -64,12 +64,12 @@ class Invocation:
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
                  "queued_at", "started_at", "log", "on_chunk", "stream_content_type", "observed",
-                 "init_duration_ms")
+                 "init_duration_ms", "tenant_id")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
-                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None
-                 ) -> None:
+                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None,
+                 tenant_id: Optional[str] = None) -> None:
         self.request_id = request_id
         self.payload = payload
         self.client_context = client_context
@@ -90,6 +90,7 @@ class Invocation:
         self.stream_content_type: Optional[str] = None  # the Content-Type of the runtime's streamed /response
         self.observed = False  # the sandbox asked for this invocation's Report (telemetry subscribers)
         self.init_duration_ms: Optional[float] = None  # the init of its instance, if it is the first one
+        self.tenant_id = tenant_id  # X-Amz-Tenant-Id of a tenant-isolated function's invocation
 
     @property
     def is_event(self) -> bool:

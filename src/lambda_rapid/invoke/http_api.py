@@ -94,7 +94,7 @@ class InvokeApi:
         try:
             call = contract.parse_http(
                 headers, raw_name, request.query, request.body, request.too_large, serves=self.serves,
-                region=self.config.region,
+                region=self.config.region, tenant_isolated=self.config.tenant_isolated,
                 allowed=contract.STREAM_INVOCATION_TYPES if streaming else contract.INVOCATION_TYPES)
         except contract.Refusal as refusal:
             return self._error(request, rid, refusal)
@@ -104,7 +104,7 @@ class InvokeApi:
 
         inv = Invocation(request_id, call.payload, arn=self.arn, client_context=call.client_context,
                          trace_id=call.trace_id, invocation_type=invocation_type, tail=call.tail,
-                         qualifier=call.qualifier)
+                         qualifier=call.qualifier, tenant_id=call.tenant_id)
         if invocation_type == "Event":
             return self._invoke_event(request, rid, inv)
         if streaming:
