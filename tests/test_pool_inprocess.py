@@ -628,3 +628,32 @@ def test_idle_instances_of_a_tenant_isolated_function_stop_by_their_own_idle_tim
     a.idle_since -= 61
     h.pool.instances.stop_idle()
     assert h.killed == [(a.number, signal.SIGKILL)] and a.stop_reason is StopReason.IDLE and b.state is READY
+
+
+def test_a_tenants_instance_with_several_workers_takes_that_many_before_another_starts(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=3, AWS_LAMBDA_MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    h.invoke(tenant="a")
+    assert [i.tenant for i in h.launched] == ["a"]  # one starting instance covers two invocations
+    h.invoke(tenant="b")
+    h.invoke(tenant="a")
+    assert [i.tenant for i in h.launched] == ["a", "b", "a"]
+    first = h.launched[0]
+    got = [h.next(first).got, h.next(first).got]
+    assert [inv.tenant_id for inv in got] == ["a", "a"] and len(first.held) == 2
+
+
+def test_a_tenants_worker_on_its_way_back_is_waited_for_briefly(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    (a,) = h.launched
+    inv = h.next(a).got
+    assert h.pool.respond(inv.request_id, b'"ok"')  # its worker is on its way back to /next
+    comes_back = h.invoke(tenant="a")
+    assert len(h.launched) == 1
+    assert h.next(a).got is not None and comes_back == []  # it came back in time: no second instance
+    assert h.pool.respond(next(iter(a.held)), b'"ok"') and comes_back[0].outcome == SUCCESS
+    stays_away = h.invoke(tenant="a")
+    h.run_until(lambda: len(h.launched) == 2)  # it did not come back within RETURN_GRACE: another starts
+    assert h.launched[1].tenant == "a" and stays_away == []
+    assert h.next(h.launched[1]).got.tenant_id == "a"

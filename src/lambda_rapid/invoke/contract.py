@@ -223,7 +223,8 @@ def parse(headers: Mapping[str, str], raw_name: str, qualifier: Optional[str], p
     if too_large if too_large is not None else len(payload) > limit:
         raise Refusal(errors.REQUEST_TOO_LARGE, errors.request_too_large_message(limit))
     call.tenant_id = tenant_id = headers.get("x-amz-tenant-id")
-    check_tenant_id(tenant_id)
+    if tenant_id is not None:
+        check_tenant_id(tenant_id)
 
     name, named_qualifier = parse_function_name(raw_name)
     if named_qualifier is not None and qualifier is not None and named_qualifier != qualifier:
@@ -232,7 +233,8 @@ def parse(headers: Mapping[str, str], raw_name: str, qualifier: Optional[str], p
     if not name or not serves(name, qualifier):
         raise not_found(region, name or raw_name, qualifier)
     call.name, call.qualifier = name, qualifier
-    check_tenancy(tenant_id, tenant_isolated)
+    if tenant_isolated or tenant_id is not None:
+        check_tenancy(tenant_id, tenant_isolated)
 
     log_type = headers.get("x-amz-log-type") or "None"
     if log_type not in LOG_TYPES:
