@@ -373,8 +373,9 @@ def function_url_settings(env: Mapping[str, str], invoke_port: int, runtime_port
 
 def tenancy_settings(env: Mapping[str, str], function_url_port: Optional[int], min_instances: int) -> Optional[str]:
     """TENANT_ISOLATION_MODE (None when unset). A tenant-isolated function has no Function URL, no
-    provisioned (here: pre-started) instances and no SnapStart: AWS refuses those combinations
-    (AWS CDK's TenancyConfig: "incompatible with SnapStart, Provisioned Concurrency, Function URLs")."""
+    provisioned (here: pre-started) instances and no SnapStart: "Tenant isolation mode is not
+    supported with functions that use function URLs, provisioned concurrency, or SnapStart"
+    ("Tenant isolation", Supported features and limitations, AWS Lambda Developer Guide)."""
     if "TENANT_ISOLATION_MODE" not in env:
         return None
     value = env["TENANT_ISOLATION_MODE"]

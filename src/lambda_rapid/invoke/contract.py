@@ -162,8 +162,8 @@ def decode_client_context(encoded: str) -> Optional[str]:
 
 
 def tenant_id_violations(value: str) -> list:
-    """The constraints of the TenantId member that ``value`` breaks, as AWS words them (pattern
-    first, then length, as AWS lists several), empty when it is valid."""
+    """The constraints of the TenantId member that ``value`` breaks, in AWS's words (its API
+    validation messages), empty when it is valid."""
     broken = []
     if _TENANT_ID.fullmatch(value) is None:
         broken.append(f"Member must satisfy regular expression pattern: {TENANT_ID_PATTERN}")
