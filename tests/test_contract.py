@@ -88,3 +88,64 @@ def test_limits_and_retry_after():
     assert contract.body_limit("RequestResponse") == contract.body_limit(None) == 6_291_456
     assert contract.retry_after(0.5) == "1" and contract.retry_after(30) == "30"
     assert contract.function_arn("us-east-1", "fn", "3") == "arn:aws:lambda:us-east-1:012345678912:function:fn:3"
+
+
+# ---- tenant isolation and $LATEST.PUBLISHED --------------------------------------------------
+
+def test_tenant_ids_of_a_tenant_isolated_function():
+    call = parse({"x-amz-tenant-id": "Blue Tenant/1=+@:._-"}, tenant_isolated=True)
+    assert call.tenant_id == "Blue Tenant/1=+@:._-"
+    assert parse({"x-amz-tenant-id": "t" * 256}, tenant_isolated=True).tenant_id == "t" * 256
+    missing = refusal(tenant_isolated=True)
+    assert missing.api_error is errors.INVALID_PARAMETER_VALUE and missing.message == contract.TENANT_ID_REQUIRED
+    assert missing.body() == (b'{"Type":"User","message":"The invoked function is enabled with tenancy configuration. '
+                              b'Add a valid tenant ID in your request and try again."}')
+
+
+def test_a_tenant_id_for_a_function_that_is_not_tenant_isolated():
+    assert parse().tenant_id is None
+    extra = refusal({"x-amz-tenant-id": "blue"})
+    assert extra.api_error is errors.INVALID_PARAMETER_VALUE and extra.message == contract.TENANT_ID_NOT_ALLOWED
+    # the lambda-server does not know the function: it checks the form and leaves the rest to the daemon
+    assert parse({"x-amz-tenant-id": "blue"}, tenant_isolated=None).tenant_id == "blue"
+    assert parse(tenant_isolated=None).tenant_id is None
+
+
+@pytest.mark.parametrize("value,broken", [
+    ("a*b", ["Member must satisfy regular expression pattern: [a-zA-Z0-9\\._:\\/=+\\-@ ]+"]),
+    ("t" * 257, ["Member must have length less than or equal to 256"]),
+    ("é" * 300, ["Member must satisfy regular expression pattern: [a-zA-Z0-9\\._:\\/=+\\-@ ]+",
+                 "Member must have length less than or equal to 256"]),
+    ("", ["Member must satisfy regular expression pattern: [a-zA-Z0-9\\._:\\/=+\\-@ ]+",
+          "Member must have length greater than or equal to 1"]),
+])
+def test_malformed_tenant_ids_are_validation_errors(value, broken):
+    for isolated in (True, False, None):  # whatever the function's tenancy: the form is checked first
+        bad = refusal({"x-amz-tenant-id": value}, tenant_isolated=isolated, name="nope")
+        assert bad.api_error is errors.VALIDATION and bad.api_error.status == 400
+        count = "1 validation error detected: " if len(broken) == 1 else "2 validation errors detected: "
+        assert bad.message == count + "; ".join(
+            f"Value '{value}' at 'tenantId' failed to satisfy constraint: {text}" for text in broken)
+    assert errors.API_ERRORS["ValidationException"] is errors.VALIDATION  # relayed by the lambda-server
+
+
+def test_order_of_the_tenant_rules():
+    # the id's form before the function is looked up; the tenancy rule after it (404 first), before the rest
+    assert refusal({"x-amz-tenant-id": "a*b"}, name="nope").api_error is errors.VALIDATION
+    assert refusal(name="nope", tenant_isolated=True).api_error is errors.RESOURCE_NOT_FOUND
+    assert refusal(payload=b"not json", tenant_isolated=True).message == contract.TENANT_ID_REQUIRED
+    too_big = refusal({"x-amz-tenant-id": "a*b"}, payload=b"x" * (contract.SYNC_REQUEST_LIMIT + 1))
+    assert too_big.api_error is errors.REQUEST_TOO_LARGE
+
+
+@pytest.mark.parametrize("raw,qualifier", [
+    ("fn:$LATEST.PUBLISHED", None), ("fn", "$LATEST.PUBLISHED"), (f"{ARN}fn:$LATEST.PUBLISHED", None),
+    ("123456789012:function:fn:$LATEST.PUBLISHED", "$LATEST.PUBLISHED"),
+])
+def test_latest_published_is_a_qualifier_of_every_function(raw, qualifier):
+    call = parse(name=raw, qualifier=qualifier)
+    assert (call.name, call.qualifier) == ("fn", "$LATEST.PUBLISHED")
+    http = contract.parse_http({}, "fn", "Qualifier=%24LATEST.PUBLISHED", b"{}", False, serves=SERVES,
+                               region="eu-west-1")
+    assert http.qualifier == "$LATEST.PUBLISHED"
+    assert refusal(name="fn:$LATEST.DRAFT").message == f"Function not found: {ARN}fn:$LATEST.DRAFT"

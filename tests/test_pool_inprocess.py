@@ -22,6 +22,7 @@ from lambda_rapid.instances import DEAD, READY, STARTING, STOPPING, IllegalTrans
 from lambda_rapid.invocation import CRASH, INIT_ERROR, SUCCESS, THROTTLED, TIMEOUT, Invocation, Result
 from lambda_rapid.pool import Pool, Waiter
 from lambda_rapid.reports import Report
+from lambda_rapid.tenant_pool import TenantPool
 
 
 class Runtime(Waiter):
@@ -86,7 +87,8 @@ class Harness:
         self.stdout: List[bytes] = []
         self.fail_launch: Optional[OSError] = None
         kwargs = {} if hooks is None else {"hooks": hooks}
-        self.pool = Pool(self.config, self.launch, self.kill, self.stdout.append, **kwargs)
+        pool_class = TenantPool if self.config.tenant_isolated else Pool  # as the daemon chooses
+        self.pool = pool_class(self.config, self.launch, self.kill, self.stdout.append, **kwargs)
 
     def close(self) -> None:
         self.loop.close()
@@ -108,10 +110,11 @@ class Harness:
             inv.add_log(data)
 
     # ---- playing the front door and the runtimes -----------------------------------------------
-    def invoke(self, payload: bytes = b"{}", tail: bool = False, kind: str = "RequestResponse") -> List[Result]:
+    def invoke(self, payload: bytes = b"{}", tail: bool = False, kind: str = "RequestResponse",
+               tenant: Optional[str] = None) -> List[Result]:
         results: List[Result] = []
         inv = Invocation(f"req-{time.monotonic_ns()}", payload, arn=self.config.function_arn, tail=tail,
-                         invocation_type=kind, on_done=lambda i, r: results.append(r))
+                         invocation_type=kind, on_done=lambda i, r: results.append(r), tenant_id=tenant)
         self.pool.submit(inv)
         return results
 
@@ -442,3 +445,215 @@ def test_a_retired_busy_instance_that_times_out_is_killed_once(harness):
     h.pool.instance_exited(instance, "signal: killed")
     assert h.pool.metrics.kills == {"reload": 1}
     assert h.pool.retire_all() == 0
+
+
+# ---- tenant isolation (TENANT_ISOLATION_MODE=PER_TENANT: tenant_pool.TenantPool) ------------------
+
+def tenants(**env) -> dict:
+    return {"TENANT_ISOLATION_MODE": "PER_TENANT", **env}
+
+
+def serve(h: Harness, instance: Instance) -> Invocation:
+    """The runtime of ``instance`` asks for work, gets an invocation, answers it and asks again."""
+    runtime = h.next(instance)
+    inv = runtime.got
+    assert inv is not None, f"{instance} got nothing"
+    assert h.pool.respond(inv.request_id, b'"ok"')
+    return inv
+
+
+def live(h: Harness) -> List[Instance]:
+    return [i for i in h.pool.instances if i.state is not DEAD]
+
+
+def test_a_tenant_never_gets_an_instance_that_ran_another_tenant(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=3))
+    assert isinstance(h.pool, TenantPool)
+    first = h.invoke(tenant="blue")
+    (blue,) = h.launched
+    assert blue.tenant == "blue" and serve(h, blue).tenant_id == "blue" and first[0].outcome == SUCCESS
+    h.next(blue)  # parked, idle
+    green = h.invoke(tenant="green")
+    assert len(h.launched) == 2 and h.launched[1].tenant == "green"  # blue's idle instance is not used
+    assert blue.held == {} and green == []
+    assert serve(h, h.launched[1]).tenant_id == "green" and green[0].outcome == SUCCESS
+    again = h.invoke(tenant="blue")  # blue's own idle instance takes it: no spawn
+    assert len(h.launched) == 2 and [i.tenant_id for i in blue.held.values()] == ["blue"]
+    assert h.pool.respond(next(iter(blue.held)), b'"ok"') and again[0].outcome == SUCCESS
+
+
+def test_invocations_of_one_tenant_wait_for_its_instances_not_another_tenants(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    h.invoke(tenant="b")
+    a, b = h.launched
+    busy = h.next(a).got
+    serve(h, b)
+    h.next(b)  # b is idle
+    queued = h.invoke(tenant="a")  # no room, but tenant a has an instance: it waits for it
+    assert len(h.launched) == 2 and h.killed == [] and b.held == {} and queued == []
+    assert h.pool.respond(busy.request_id, b'"ok"')
+    assert h.next(a).got.tenant_id == "a" and h.killed == []
+
+
+def test_at_max_concurrency_the_longest_idle_instance_of_another_tenant_makes_room(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    for tenant in ("a", "b"):
+        h.invoke(tenant=tenant)
+    a, b = h.launched
+    serve(h, b)
+    serve(h, a)
+    h.next(b)
+    h.next(a)  # both idle; b has been idle longer
+    assert a.idle_since > b.idle_since
+    results = h.invoke(tenant="c")
+    assert h.killed == [(b.number, signal.SIGKILL)] and b.state is STOPPING and b.stop_reason is StopReason.OTHER_TENANT
+    assert len(h.launched) == 2 and results == []  # the slot is free once b's runtime has exited
+    h.invoke(tenant="c")  # one more for c: the one stopping instance already makes room for it
+    assert h.killed == [(b.number, signal.SIGKILL)]
+    h.pool.instance_exited(b, "signal: killed")
+    c = h.launched[2]
+    assert c.tenant == "c" and a.state is READY and len(live(h)) == 2
+    assert serve(h, c).tenant_id == "c" and serve(h, c).tenant_id == "c"
+    assert [r.outcome for r in results] == [SUCCESS] and h.pool.metrics.kills == {"other_tenant": 1}
+
+
+def test_busy_instances_are_never_stopped_for_another_tenant(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=1))
+    h.invoke(tenant="a")
+    (a,) = h.launched
+    running = h.next(a).got
+    waiting = h.invoke(tenant="b")
+    assert h.killed == [] and len(h.launched) == 1  # a is busy: b waits
+    assert h.pool.respond(running.request_id, b'"ok"')
+    assert h.killed == []  # a's worker is on its way back to /next: not idle yet
+    h.next(a)  # a is idle now, and b has no instance: a makes room
+    assert h.killed == [(a.number, signal.SIGKILL)] and a.stop_reason is StopReason.OTHER_TENANT
+    h.pool.instance_exited(a, "signal: killed")
+    (_, b) = h.launched
+    assert b.tenant == "b" and serve(h, b).tenant_id == "b" and waiting[0].outcome == SUCCESS
+
+
+def test_max_concurrency_bounds_the_instances_of_all_tenants(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    results = {t: h.invoke(tenant=t) for t in "abcd"}
+    assert [i.tenant for i in h.launched] == ["a", "b"] and h.killed == []  # starting ones are not idle
+    served = []
+    while len(served) < 4:
+        for instance in [i for i in live(h) if i.state is not STOPPING]:
+            runtime = h.next(instance)  # takes its tenant's invocation, or parks (and may be stopped)
+            if runtime.got is not None:
+                served.append((instance, runtime.got.tenant_id))
+                assert h.pool.respond(runtime.got.request_id, b'"ok"')
+        for instance in [i for i in live(h) if i.state is STOPPING]:
+            h.pool.instance_exited(instance, "signal: killed")
+        assert len(live(h)) <= 2
+    assert sorted(t for _, t in served) == ["a", "b", "c", "d"]
+    assert all(r[0].outcome == SUCCESS for r in results.values())
+    assert all(instance.tenant == t for instance, t in served) and len(h.launched) == 4
+    assert h.pool.metrics.kills == {"other_tenant": 2}
+
+
+def test_a_runtime_started_by_hand_serves_the_first_tenant_it_gets(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=1))
+    by_hand = Instance(-1, external=True)
+    h.next(by_hand)
+    first = h.invoke(tenant="a")
+    assert by_hand.tenant == "a" and h.launched == [] and len(by_hand.held) == 1
+    assert h.pool.respond(next(iter(by_hand.held)), b'"ok"') and first[0].outcome == SUCCESS
+    h.next(by_hand)
+    h.invoke(tenant="b")
+    assert len(h.launched) == 1 and h.launched[0].tenant == "b" and by_hand.held == {}
+    h.invoke(tenant="a")
+    assert [i.tenant_id for i in by_hand.held.values()] == ["a"]
+
+
+def test_an_init_failure_answers_an_invocation_of_the_failed_instances_tenant(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    a_results = h.invoke(tenant="a")
+    b_results = h.invoke(tenant="b")
+    a, b = h.launched
+    h.pool.init_error(b, b'{"errorType":"Runtime.ImportModuleError","errorMessage":"no module"}', None)
+    assert a_results == [] and [r.outcome for r in b_results] == [INIT_ERROR]
+    assert serve(h, a).tenant_id == "a" and a_results[0].outcome == SUCCESS
+
+
+def test_an_instance_that_could_not_start_fails_its_tenants_invocation(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    h.fail_launch = OSError("exec format error")
+    b_results = h.invoke(tenant="b")
+    assert len(b_results) == 1 and b"exec format error" in b_results[0].body
+    assert len(h.pool.lanes["a"].queue) == 1 and len(h.pool.queue) == 1  # a's still waits for its instance
+    assert h.pool.metrics.init_failures == 1
+
+
+def test_a_tenant_waiting_without_an_instance_is_throttled_after_a_timeout(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=1, AWS_LAMBDA_FUNCTION_TIMEOUT=0.2))
+    h.invoke(tenant="a")
+    (a,) = h.launched
+    h.next(a)  # a runs; it times out after 0.2 s, and so does b's wait
+    waiting = h.invoke(tenant="b")
+    h.run_until(lambda: waiting)
+    assert waiting[0].outcome == THROTTLED and waiting[0].api_error is not None
+
+
+def test_abandoned_and_refused_invocations_leave_their_tenants_queue(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=1))
+    h.invoke(tenant="a")
+    results: List[Result] = []
+    gone = Invocation("req-gone", b"{}", arn=h.config.function_arn, tenant_id="b",
+                      on_done=lambda i, r: results.append(r))
+    h.pool.submit(gone)
+    h.invoke(tenant="b")
+    assert len(h.pool.queue) == 3
+    h.pool.abandon(gone)
+    assert len(h.pool.queue) == 2 and not h.pool.is_active("req-gone")
+    h.pool.stop_accepting()
+    h.pool.reject_queued()
+    assert len(h.pool.queue) == 0 and results == []
+
+
+def test_idle_instances_of_a_tenant_isolated_function_stop_by_their_own_idle_time(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2, AWS_LAMBDA_FUNCTION_IDLETIMEOUT=60))
+    for tenant in ("a", "b"):
+        h.invoke(tenant=tenant)
+    a, b = h.launched
+    serve(h, a)
+    serve(h, b)
+    h.next(a)
+    h.next(b)
+    h.pool.instances.stop_idle()
+    assert h.killed == []  # a demand of one at a time would make one of them surplus: not here
+    a.idle_since -= 61
+    h.pool.instances.stop_idle()
+    assert h.killed == [(a.number, signal.SIGKILL)] and a.stop_reason is StopReason.IDLE and b.state is READY
+
+
+def test_a_tenants_instance_with_several_workers_takes_that_many_before_another_starts(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=3, AWS_LAMBDA_MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    h.invoke(tenant="a")
+    assert [i.tenant for i in h.launched] == ["a"]  # one starting instance covers two invocations
+    h.invoke(tenant="b")
+    h.invoke(tenant="a")
+    assert [i.tenant for i in h.launched] == ["a", "b", "a"]
+    first = h.launched[0]
+    got = [h.next(first).got, h.next(first).got]
+    assert [inv.tenant_id for inv in got] == ["a", "a"] and len(first.held) == 2
+
+
+def test_a_tenants_worker_on_its_way_back_is_waited_for_briefly(harness):
+    h = harness(**tenants(MAX_CONCURRENCY=2))
+    h.invoke(tenant="a")
+    (a,) = h.launched
+    inv = h.next(a).got
+    assert h.pool.respond(inv.request_id, b'"ok"')  # its worker is on its way back to /next
+    comes_back = h.invoke(tenant="a")
+    assert len(h.launched) == 1
+    assert h.next(a).got is not None and comes_back == []  # it came back in time: no second instance
+    assert h.pool.respond(next(iter(a.held)), b'"ok"') and comes_back[0].outcome == SUCCESS
+    stays_away = h.invoke(tenant="a")
+    h.run_until(lambda: len(h.launched) == 2)  # it did not come back within RETURN_GRACE: another starts
+    assert h.launched[1].tenant == "a" and stays_away == []
+    assert h.next(h.launched[1]).got.tenant_id == "a"

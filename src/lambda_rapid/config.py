@@ -35,6 +35,8 @@ FUNCTION_URL_INVOKE_MODES = ("BUFFERED", "RESPONSE_STREAM")
 QUEUE_TYPES = ("classic", "quorum")
 # AWS_LAMBDA_INITIALIZATION_TYPE of a SnapStart function (what awslambdaric's bootstrap checks).
 SNAP_START = "snap-start"
+# AWS's TenancyConfig.TenantIsolationMode has one value (Lambda API Reference, TenancyConfig).
+TENANT_ISOLATION_MODES = ("PER_TENANT",)
 
 
 class ConfigError(Exception):
@@ -82,6 +84,9 @@ class Config:
     function_url_invoke_mode: str = "BUFFERED"
     reload_on_change: bool = False  # RELOAD_ON_CHANGE: replace the instances when the code changes
     reload_dirs: tuple = ()  # what it watches (absolute): the function's directory, then RELOAD_DIRS
+    # TENANT_ISOLATION_MODE: "PER_TENANT" makes the function tenant-isolated (AWS's TenancyConfig);
+    # None: it is not.
+    tenant_isolation_mode: Optional[str] = None
     # The environment each runtime instance starts from (the daemon's own, minus AMQP secrets,
     # plus the Lambda defaults; user-set values win). Per-instance values are added at spawn.
     runtime_env: Mapping[str, str] = field(default_factory=dict)
@@ -93,6 +98,10 @@ class Config:
     @property
     def snap_start(self) -> bool:
         return self.initialization_type == SNAP_START
+
+    @property
+    def tenant_isolated(self) -> bool:
+        return self.tenant_isolation_mode is not None
 
 
 # ---- value parsers: each names the variable and the bad value -------------------------------
@@ -320,6 +329,7 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
     durable, queue_type = parse_queue(env)
     structured = structured_logging_enabled(env)
     function_url_port, function_url_mode = function_url_settings(env, invoke_port, runtime_port)
+    tenancy = tenancy_settings(env, function_url_port, min_inst)
 
     command, handler, run_cwd = resolve_command(args, env, cwd)
     name = env.get("AWS_LAMBDA_FUNCTION_NAME") or infer_function_name(handler)
@@ -350,6 +360,7 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         extensions_dir=env.get("LAMBDA_EXTENSIONS_DIR") or "/opt/extensions",
         function_url_port=function_url_port, function_url_invoke_mode=function_url_mode,
         reload_on_change=bool(reload_dirs), reload_dirs=reload_dirs,
+        tenant_isolation_mode=tenancy,
         runtime_env=runtime_env,
     )
 
@@ -371,6 +382,32 @@ def function_url_settings(env: Mapping[str, str], invoke_port: int, runtime_port
         raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={env['FUNCTION_URL_INVOKE_MODE']!r} is not an invoke mode "
                           f"(use {' or '.join(FUNCTION_URL_INVOKE_MODES)})")
     return port, mode
+
+
+def tenancy_settings(env: Mapping[str, str], function_url_port: Optional[int], min_instances: int) -> Optional[str]:
+    """TENANT_ISOLATION_MODE (None when unset). A tenant-isolated function has no Function URL, no
+    provisioned (here: pre-started) instances and no SnapStart: "Tenant isolation mode is not
+    supported with functions that use function URLs, provisioned concurrency, or SnapStart"
+    ("Tenant isolation", Supported features and limitations, AWS Lambda Developer Guide)."""
+    if "TENANT_ISOLATION_MODE" not in env:
+        return None
+    value = env["TENANT_ISOLATION_MODE"]
+    mode = value.strip().upper()
+    if mode not in TENANT_ISOLATION_MODES:
+        raise ConfigError(f"TENANT_ISOLATION_MODE={value!r} is not a tenant isolation mode (use PER_TENANT, "
+                          "or leave it unset for a function that is not tenant-isolated)")
+    if function_url_port is not None:
+        raise ConfigError("FUNCTION_URL_PORT cannot be used with TENANT_ISOLATION_MODE=PER_TENANT: AWS does not "
+                          "support function URLs on tenant-isolated functions")
+    if min_instances:
+        raise ConfigError(f"MIN_INSTANCES={min_instances} cannot be used with TENANT_ISOLATION_MODE=PER_TENANT: an "
+                          "instance serves one tenant, and AWS has no provisioned concurrency for tenant-isolated "
+                          "functions")
+    if env.get("AWS_LAMBDA_INITIALIZATION_TYPE", "").strip() == SNAP_START:
+        raise ConfigError("AWS_LAMBDA_INITIALIZATION_TYPE=snap-start cannot be used with "
+                          "TENANT_ISOLATION_MODE=PER_TENANT: AWS does not support SnapStart on tenant-isolated "
+                          "functions")
+    return mode
 
 
 def reload_settings(env: Mapping[str, str], cwd: str, task_root: str) -> tuple:

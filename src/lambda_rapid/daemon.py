@@ -63,8 +63,13 @@ class Daemon:
         # The sandbox layer is built first: the pool calls it (its hooks and its killer); each
         # sandbox is given the pool when its instance is launched (_launch).
         self.sandboxes = SandboxLifecycle(config, self.loop, self.procs, self.sink.write)
-        self.pool = Pool(config, launcher=self._launch, killer=self.sandboxes.kill, output=self.sink.write,
-                         hooks=self.sandboxes)
+        pool_class = Pool
+        if config.tenant_isolated:
+            from .tenant_pool import TenantPool  # only paid for when TENANT_ISOLATION_MODE is set
+
+            pool_class = TenantPool
+        self.pool = pool_class(config, launcher=self._launch, killer=self.sandboxes.kill, output=self.sink.write,
+                               hooks=self.sandboxes)
         self.extensions_api = ExtensionsApi(config, self.sandboxes)
         self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes(), restore=self.sandboxes)
         self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool), ready=self.ready)

@@ -38,6 +38,10 @@ class ApiError:
 
 INVALID_REQUEST_CONTENT = ApiError(400, "InvalidRequestContentException", "User", "message")
 INVALID_PARAMETER_VALUE = ApiError(400, "InvalidParameterValueException", "User", "message")
+# A request member that breaks its constraint in the API model (length, pattern): AWS answers
+# "1 validation error detected: Value '...' at 'member' failed to satisfy constraint: ...". Not in
+# botocore's Lambda model, so boto3 raises a plain ClientError with this code.
+VALIDATION = ApiError(400, "ValidationException", "User", "message")
 RESOURCE_NOT_FOUND = ApiError(404, "ResourceNotFoundException", "User", "Message")
 REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "message")
 TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
@@ -46,7 +50,7 @@ BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
 # "The afterRestore() runtime hook encountered an error" (botocore's Lambda model: 400, Type/Message).
 SNAP_START = ApiError(400, "SnapStartException", "User", "Message")
 # By x-amzn-ErrorType, for a door that relays another's refusal (ServiceException: the 503 one).
-API_ERRORS = {e.code: e for e in (INVALID_REQUEST_CONTENT, INVALID_PARAMETER_VALUE, RESOURCE_NOT_FOUND,
+API_ERRORS = {e.code: e for e in (INVALID_REQUEST_CONTENT, INVALID_PARAMETER_VALUE, VALIDATION, RESOURCE_NOT_FOUND,
                                   REQUEST_TOO_LARGE, TOO_MANY_REQUESTS, SERVICE, SNAP_START)}
 
 

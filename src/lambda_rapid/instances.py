@@ -60,6 +60,7 @@ class StopReason(enum.Enum):
     EXTENSION_CRASH = "extension_crash"
     EXTENSION_ERROR = "extension_error"
     RESTORE_ERROR = "restore_error"  # SnapStart: an after-restore hook failed (POST /runtime/restore/error)
+    OTHER_TENANT = "other_tenant"  # idle, and its slot was wanted by a tenant with no instance (tenant_pool.py)
     EXITED = "exited"  # nobody stopped it: its runtime exited by itself
 
 
@@ -83,11 +84,15 @@ class Instance:
     """One runtime process group (or a runtime started by hand, ``external``)."""
 
     __slots__ = ("number", "external", "state", "timer", "stop_reason", "process", "held", "waiters",
-                 "returning", "spawned_at", "init_ms", "idle_since", "restore_started", "restored")
+                 "returning", "spawned_at", "init_ms", "idle_since", "restore_started", "restored",
+                 "tenant")
 
-    def __init__(self, number: int, external: bool = False) -> None:
+    def __init__(self, number: int, external: bool = False, tenant: Optional[str] = None) -> None:
         self.number = number
         self.external = external
+        # The one tenant a tenant-isolated function's instance serves, for its whole life (None: not
+        # tenant-isolated, or a runtime started by hand that has not run an invocation yet).
+        self.tenant = tenant
         self.state = READY if external else STARTING
         self.timer: Optional[asyncio.TimerHandle] = None  # STARTING: the init deadline; STOPPING: the SIGKILL
         self.stop_reason: Optional[StopReason] = None
@@ -156,7 +161,7 @@ class InstanceSet:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
                  launcher: Callable[[Instance], RuntimeProcess], killer: Callable[[Instance, int], None],
                  hooks: SandboxHooks, metrics: Metrics, waiting: Sized, demand: Demand,
-                 fail_waiting: Callable[[Callable[[str], bytes], Optional[errors.ApiError]], None],
+                 fail_waiting: Callable[[Instance, Callable[[str], bytes], Optional[errors.ApiError]], None],
                  forget_capacity: Callable[[Instance], None]) -> None:
         self.config = config
         self.loop = loop
@@ -166,8 +171,8 @@ class InstanceSet:
         self.metrics = metrics
         self.waiting = waiting  # the pool's wait queue (only its length is read here)
         self.demand = demand
-        # Answers the oldest waiting invocation (if any) with the body built for its request id (an
-        # Invoke API error if one is given, else a function error).
+        # The instance's init failed: the oldest invocation waiting for it (if any) gets the body built
+        # for its request id (an Invoke API error if one is given, else a function error).
         self.fail_waiting = fail_waiting
         self.forget_capacity = forget_capacity  # the instance takes no more work: drop its parked /next
         self.all: List[Instance] = []
@@ -226,12 +231,13 @@ class InstanceSet:
             if self.spawn() is None:
                 break
 
-    def spawn(self) -> Optional[Instance]:
+    def spawn(self, tenant: Optional[str] = None) -> Optional[Instance]:
+        """Start an instance (for ``tenant``, of a tenant-isolated function); None if it could not start."""
         used = {i.number for i in self.all}
         number = 0
         while number in used:
             number += 1
-        instance = Instance(number)
+        instance = Instance(number, tenant=tenant)
         self.all.append(instance)
         self.starting += 1
         self.metrics.spawns += 1
@@ -243,7 +249,7 @@ class InstanceSet:
             self.all.remove(instance)
             self._advance(instance, DEAD)
             self.metrics.init_failures += 1
-            self.fail_waiting(lambda request_id: errors.spawn_error(request_id, reason))
+            self.fail_waiting(instance, lambda request_id: errors.spawn_error(request_id, reason))
             return None
         instance.timer = self.loop.call_later(self.config.init_timeout, self._init_timed_out, instance)
         return instance
@@ -280,7 +286,7 @@ class InstanceSet:
         if instance.state is not STARTING:
             return
         self.metrics.init_failures += 1
-        self.fail_waiting(make_body, api_error)
+        self.fail_waiting(instance, make_body, api_error)
         self.kill(instance, reason, grace)
 
     def init_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> None:
@@ -288,7 +294,7 @@ class InstanceSet:
         log.warning("instance #%d reported an init error: %s", instance.number, body[:500])
         failure = errors.runtime_error_body(body, error_type)
         if instance.external:
-            self.fail_waiting(lambda request_id: failure)
+            self.fail_waiting(instance, lambda request_id: failure)
         elif instance.state is STARTING:
             self.init_failed(instance, lambda request_id: failure, StopReason.INIT_ERROR, INIT_ERROR_GRACE)
         else:
@@ -322,9 +328,10 @@ class InstanceSet:
 
     def start_idle_reaper(self) -> None:
         period = min(max(self.config.idle_timeout / 4, 0.05), 5.0)
+        reap = self.stop_idle if self.config.tenant_isolated else self.stop_surplus
 
         def tick() -> None:
-            self.stop_surplus()
+            reap()
             self._reaper = self.loop.call_later(period, tick)
 
         self._reaper = self.loop.call_later(period, tick)
@@ -349,6 +356,15 @@ class InstanceSet:
         if surplus <= 0:
             return
         for instance in sorted((i for i in live if not i.held), key=lambda i: i.idle_since)[:surplus]:
+            log.info("stopping idle instance #%d (pid %d)", instance.number, instance.pid)
+            self.kill(instance, StopReason.IDLE)
+
+    def stop_idle(self) -> None:
+        """Stop the instances that have been idle a whole idle timeout (a tenant-isolated function's
+        rule: the function's demand says nothing about one tenant's, so each instance goes by its own
+        idle time, as AWS reclaims an execution environment)."""
+        horizon = time.monotonic() - self.config.idle_timeout
+        for instance in [i for i in self.all if i.state is READY and not i.held and i.idle_since <= horizon]:
             log.info("stopping idle instance #%d (pid %d)", instance.number, instance.pid)
             self.kill(instance, StopReason.IDLE)
 
@@ -390,4 +406,4 @@ class InstanceSet:
         self.forget_capacity(instance)
         if was is STARTING:
             self.metrics.init_failures += 1
-            self.fail_waiting(lambda request_id: errors.exit_error(request_id, status))
+            self.fail_waiting(instance, lambda request_id: errors.exit_error(request_id, status))

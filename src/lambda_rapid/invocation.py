@@ -75,12 +75,12 @@ class Invocation:
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
                  "queued_at", "started_at", "log", "on_chunk", "stream_content_type", "observed",
-                 "init_duration_ms", "invocation_id")
+                 "init_duration_ms", "invocation_id", "tenant_id")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
-                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None
-                 ) -> None:
+                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None,
+                 tenant_id: Optional[str] = None) -> None:
         self.request_id = request_id
         self.payload = payload
         self.client_context = client_context
@@ -106,6 +106,7 @@ class Invocation:
         # Lambda-Runtime-Invocation-Id of its current hand-over to a runtime (None until handed over):
         # an answer that echoes another one is stale (sandbox/runtime_api.py).
         self.invocation_id: Optional[str] = None
+        self.tenant_id = tenant_id  # X-Amz-Tenant-Id of a tenant-isolated function's invocation
 
     @property
     def is_event(self) -> bool:

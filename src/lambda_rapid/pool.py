@@ -7,7 +7,8 @@ Runtime API calls :meth:`Pool.next`, :meth:`Pool.respond`, :meth:`Pool.error`, :
 the process layer calls :meth:`Pool.instance_exited`. It is built from its collaborators: ``launcher``
 (starts an instance's processes), ``killer`` (signals its group), ``output`` (the daemon's stdout) and
 ``hooks`` (the sandbox layer, see hooks.py). The instances themselves are kept by an ``InstanceSet``,
-the two deadline queues by deadlines.py.
+the two deadline queues by deadlines.py. A tenant-isolated function's pool (tenant_pool.py) keeps
+these rules per tenant; it overrides the few methods below that say where work waits and parks.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Pool:
         self.timeout = config.timeout
         self.metrics = Metrics()
         self.idle: deque = deque()  # Waiters, longest-waiting first
-        self.queue = WaitQueue(self.loop, config.timeout, self._waited_too_long)
+        self.queue = self._wait_queue()
         self.running = RunDeadlines(self.loop, config.timeout, self._timed_out)
         self.in_flight: dict = {}  # request_id -> Invocation handed to a runtime
         self.accepted: dict = {}  # request_id -> every Invocation not yet finished
@@ -78,6 +79,10 @@ class Pool:
         self.reports = config.print_reports
         self.log = FunctionLog(config.function_version, config.memory_size, output, config.print_reports)
         self._drained: Optional[asyncio.Future] = None
+
+    def _wait_queue(self) -> WaitQueue:
+        """Where invocations wait for an instance (all of them; its length is the queue depth)."""
+        return WaitQueue(self.loop, self.config.timeout, self._waited_too_long)
 
     # ---- front doors ---------------------------------------------------------------------------
     def is_active(self, request_id: str) -> bool:
@@ -113,11 +118,15 @@ class Pool:
         inv.on_done = None
         if inv.instance is None and not inv.done:
             try:
-                self.queue.remove(inv)
+                self._queue_of(inv).remove(inv)
             except ValueError:
                 return
             inv.done = True
             self.accepted.pop(inv.request_id, None)
+
+    def _queue_of(self, inv: Invocation) -> deque:
+        """The queue ``inv`` waits in (if it waits)."""
+        return self.queue
 
     def _reject(self, inv: Invocation, outcome: str, api_error: errors.ApiError, message: str) -> None:
         self.metrics.outcomes[outcome] += 1
@@ -178,29 +187,37 @@ class Pool:
     # ---- Runtime API ---------------------------------------------------------------------------
     def next(self, waiter: Waiter) -> None:
         """A runtime asks for work (GET /next)."""
+        if not self._arrived(waiter):
+            return
+        if self.queue:
+            inv = self.queue.pop_live()
+            if inv is not None:
+                self._start(inv, waiter)
+                return
+        waiter.instance.waiters += 1
+        waiter.parked = True
+        self.idle.append(waiter)
+        self._check_drained()
+
+    def _arrived(self, waiter: Waiter) -> bool:
+        """Whether a runtime's /next may be given work (else it is dropped, or held by the sandbox);
+        the first one of a starting instance makes it ready, one of a worker that answered brings its
+        capacity back."""
         instance = waiter.instance
         state = instance.state
         if state is not READY and state is not STARTING:
             waiter.alive = False
             if state is STOPPING and instance.stop_reason is StopReason.RELOAD and not instance.held:
                 self.instances.kill(instance, StopReason.RELOAD)  # retired while busy: its work has ended
-            return
+            return False
         if self.hooks.hold_next(waiter):
-            return
+            return False
         if instance.returning:
             instance.returning -= 1
             self.returning -= 1
         elif state is STARTING:
             self.instances.ready(instance)
-        if self.queue:
-            inv = self.queue.pop_live()
-            if inv is not None:
-                self._start(inv, waiter)
-                return
-        instance.waiters += 1
-        waiter.parked = True
-        self.idle.append(waiter)
-        self._check_drained()
+        return True
 
     def waiter_gone(self, waiter: Waiter) -> None:
         """The runtime's /next connection closed before it was given work."""
@@ -270,7 +287,7 @@ class Pool:
             process.read_output()  # its last lines belong to the invocations it held
         self.instances.exited(instance, status)
         self._end_held(instance, lambda inv: Result(CRASH, errors.exit_error(inv.request_id, status), True))
-        self.instances.fill(self.returning)
+        self._refill()
         if instance.stop_reason is StopReason.RELOAD:
             self.instances.spawn_to_minimum()  # its replacement, if MIN_INSTANCES wants one warm
         self._check_drained()
@@ -280,20 +297,29 @@ class Pool:
             if self.in_flight.pop(inv.request_id, None) is not None:
                 self._end(inv, result_of(inv))
 
+    def _refill(self) -> None:
+        """An instance is gone: start instances for invocations that wait and have none coming."""
+        self.instances.fill(self.returning)
+
+    def _parked_of(self, instance: Instance) -> deque:
+        """Where the workers of ``instance`` park."""
+        return self.idle
+
     def _forget_capacity(self, instance: Instance) -> None:
         """The instance will take no more work: drop its parked and returning workers."""
         if instance.waiters:
-            for waiter in self.idle:
+            for waiter in self._parked_of(instance):
                 if waiter.instance is instance:
                     waiter.alive = False
             instance.waiters = 0
         self.returning -= instance.returning
         instance.returning = 0
 
-    def _fail_waiting(self, make_body: Callable[[str], bytes], api_error: Optional[errors.ApiError] = None) -> None:
-        """An init failed: the oldest waiting invocation (if any) gets the error built for it (a
-        function error, or the Invoke API's ``api_error``)."""
-        victim = self.queue.pop_live()
+    def _fail_waiting(self, instance: Instance, make_body: Callable[[str], bytes],
+                      api_error: Optional[errors.ApiError] = None) -> None:
+        """The init of ``instance`` failed: the oldest invocation waiting for it (if any) gets the
+        error built for it (a function error, or the Invoke API's ``api_error``)."""
+        victim = self._waiting_for(instance).pop_live()
         body = make_body("" if victim is None else victim.request_id)
         if victim is None:
             return
@@ -301,6 +327,10 @@ class Pool:
         self.metrics.outcomes[INIT_ERROR] += 1
         victim.finish(Result(INIT_ERROR, body, api_error is None, api_error=api_error))
         self._check_drained()
+
+    def _waiting_for(self, instance: Instance) -> WaitQueue:
+        """The invocations ``instance`` would take."""
+        return self.queue
 
     # ---- shutdown ------------------------------------------------------------------------------
     def stop_accepting(self) -> None:

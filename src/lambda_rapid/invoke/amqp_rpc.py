@@ -105,6 +105,7 @@ class AmqpRpc:
         self.config = config
         self.queue_name = config.function_name
         self.serves = contract.serves_function(config.function_name, config.function_version)
+        self.tenant_isolated = config.tenant_isolated
         self.arn = config.function_arn
         self.retry_after = contract.retry_after(config.timeout)
         self.link = BrokerLink(config.amqp_uri or "", "lambda-runtime-api-daemon " + config.function_name,
@@ -380,11 +381,12 @@ class AmqpRpc:
         props = message.header.properties
         headers = _headers(props.headers)
         call = contract.parse(headers, self.queue_name, headers.get("x-amz-qualifier"), message.body,
-                              serves=self.serves, region=self.config.region, check_json=False)
+                              serves=self.serves, region=self.config.region, check_json=False,
+                              tenant_isolated=self.tenant_isolated)
         request_id = contract.request_id(header_text(props.correlation_id), self.pool.is_active)
         return Invocation(request_id, call.payload, arn=self.arn, client_context=call.client_context,
                           trace_id=call.trace_id, invocation_type=call.invocation_type, tail=call.tail,
-                          qualifier=call.qualifier)
+                          qualifier=call.qualifier, tenant_id=call.tenant_id)
 
     # ---- replies and acks ----------------------------------------------------------------------
     async def _publish_result(self, inv: Invocation, result: Result, reply_to: Optional[str],

@@ -34,6 +34,7 @@ class InvokeApi:
         self.pool = pool
         self.config = config
         self.serves = contract.serves_function(config.function_name, config.function_version)
+        self.tenant_isolated = config.tenant_isolated
         self.arn = config.function_arn
         self.retry_after = header(contract.RETRY_AFTER, contract.retry_after(config.timeout))
         self.metrics = metrics
@@ -94,7 +95,7 @@ class InvokeApi:
         try:
             call = contract.parse_http(
                 headers, raw_name, request.query, request.body, request.too_large, serves=self.serves,
-                region=self.config.region,
+                region=self.config.region, tenant_isolated=self.tenant_isolated,
                 allowed=contract.STREAM_INVOCATION_TYPES if streaming else contract.INVOCATION_TYPES)
         except contract.Refusal as refusal:
             return self._error(request, rid, refusal)
@@ -104,7 +105,7 @@ class InvokeApi:
 
         inv = Invocation(request_id, call.payload, arn=self.arn, client_context=call.client_context,
                          trace_id=call.trace_id, invocation_type=invocation_type, tail=call.tail,
-                         qualifier=call.qualifier)
+                         qualifier=call.qualifier, tenant_id=call.tenant_id)
         if invocation_type == "Event":
             return self._invoke_event(request, rid, inv)
         if streaming:

@@ -62,7 +62,7 @@ SHUTDOWN_GRACE = 2.0  # AWS: 2,000 ms for a function with external extensions
 DISABLE_MARKER = "/opt/disable-extensions-jwigqn8j"
 # Why an instance is stopped -> AWS's SHUTDOWN reason (anything else: "failure").
 SHUTDOWN_REASONS = {StopReason.IDLE: "spindown", StopReason.SHUTDOWN: "spindown", StopReason.RELOAD: "spindown",
-                    StopReason.TIMEOUT: "timeout"}
+                    StopReason.OTHER_TENANT: "spindown", StopReason.TIMEOUT: "timeout"}
 INIT_REASONS = (StopReason.INIT_ERROR, StopReason.INIT_TIMEOUT)
 # SnapStart: the error an invocation gets when its instance's after-restore hook failed (botocore's
 # Lambda model, SnapStartException); the runtime's own error is in the function's log.

@@ -74,7 +74,13 @@ def extension_registered(telemetry: Telemetry, name: str, events: tuple) -> None
 
 def invocation_started(telemetry: Telemetry, inv: Invocation, version: str) -> None:
     tracing = {"type": "X-Amzn-Trace-Id", "value": inv.trace_id}
-    telemetry.emit(PLATFORM, "platform.start", {"requestId": inv.request_id, "version": version, "tracing": tracing},
+    record = {"requestId": inv.request_id, "version": version}
+    if inv.tenant_id is not None:
+        # A tenant-isolated function's platform.start and platform.report carry the tenant, in the
+        # record ("Monitoring Lambda functions with tenant isolation", AWS Lambda Developer Guide).
+        record["tenantId"] = inv.tenant_id
+    record["tracing"] = tracing
+    telemetry.emit(PLATFORM, "platform.start", record,
                    legacy=("platform.start", {"requestId": inv.request_id, "version": version}))
 
 
@@ -105,6 +111,8 @@ def invocation_ended(telemetry: Telemetry, inv: Invocation, result: Result, repo
     if report.restore_duration_ms is not None:
         metrics["restoreDurationMs"] = round(report.restore_duration_ms, 3)
     record = {"requestId": inv.request_id, "status": status, "metrics": metrics, "tracing": tracing}
+    if inv.tenant_id is not None:
+        record["tenantId"] = inv.tenant_id
     if error_type:
         record["errorType"] = error_type
     telemetry.emit(PLATFORM, "platform.report", record,

@@ -102,6 +102,8 @@ class NextRequest(Waiter):
                 "Lambda-Runtime-Invoked-Function-Arn", f"{api.arn}:{inv.qualifier}"),
             header("Lambda-Runtime-Trace-Id", inv.trace_id),
             b"" if inv.client_context is None else header("Lambda-Runtime-Client-Context", inv.client_context),
+            # awslambdaric 4.x reads it into context.tenant_id (lambda_runtime_client.py)
+            b"" if inv.tenant_id is None else header("Lambda-Runtime-Aws-Tenant-Id", inv.tenant_id),
         ))
         self.request.respond(200, headers, inv.payload)
 

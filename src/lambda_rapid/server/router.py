@@ -165,8 +165,9 @@ class Router:
         headers = request.headers
         rid = contract.request_id(headers.get("amz-sdk-invocation-id"), self.pending.__contains__)
         try:
+            # Whether the function is tenant-isolated is the daemon's to say: only the id's form is checked here.
             call = contract.parse_http(headers, raw_name, request.query, request.body, request.too_large,
-                                       serves=_routable, region=self.config.region)
+                                       serves=_routable, region=self.config.region, tenant_isolated=None)
         except contract.Refusal as refusal:
             outcome = "not_found" if refusal.api_error is errors.RESOURCE_NOT_FOUND else "rejected"
             return self._refuse(request, rid, refusal, outcome)
@@ -186,6 +187,8 @@ class Router:
             amqp_headers["X-Amz-Log-Type"] = "Tail"
         if qualifier is not None:
             amqp_headers["X-Amz-Qualifier"] = qualifier
+        if call.tenant_id is not None:
+            amqp_headers[contract.TENANT_ID] = call.tenant_id
         event = invocation_type == "Event"
         if event:
             amqp_headers["X-Amz-Invocation-Type"] = "Event"
