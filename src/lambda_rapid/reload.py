@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from .pool import Pool
 
-log = logging.getLogger("lambda_rapid.reload")
+log = logging.getLogger(__name__)
 
 NAMED_FILES = 10  # changed files named in the reload line; the rest are counted
 STOP_TIMEOUT = 2.0  # seconds to wait for the watcher at shutdown (its thread checks for stop every 50 ms)

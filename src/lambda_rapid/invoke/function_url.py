@@ -42,7 +42,7 @@ from ..http.server import Request, header
 from ..invocation import SUCCESS, Invocation, Result, new_request_id, new_trace_id
 from ..pool import Pool
 
-log = logging.getLogger("lambda_rapid.invoke.function_url")
+log = logging.getLogger(__name__)
 
 RESPONSE_STREAM = "RESPONSE_STREAM"
 # The content type of a streamed /response that starts with the prelude (aws-lambda-ric's
