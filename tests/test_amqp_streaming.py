@@ -245,7 +245,7 @@ def test_daemon_killed_mid_stream_with_another_daemon_on_the_queue(daemon_factor
     """The broker hands the request to the other daemon, which runs it again: the stream, already
     half sent from the first run, ends with an error event when the second run's first piece comes."""
     name = unique_name("st-kill2")
-    daemons = [amqp_daemon(daemon_factory, name, command=STREAMER, AWS_LAMBDA_FUNCTION_TIMEOUT=20)
+    daemons = [amqp_daemon(daemon_factory, name, command=STREAMER, AWS_LAMBDA_FUNCTION_TIMEOUT=5)
                for _ in range(2)]
     wait_consumers(name, 2)
     server = server_factory(AWS_LAMBDA_FUNCTION_TIMEOUT=300)
@@ -287,7 +287,7 @@ def test_daemon_connection_cut_mid_stream_the_stream_goes_on(daemon_factory, ser
 
 def test_broker_lost_by_the_lambda_server_mid_stream(daemon_factory, server_factory):
     name = unique_name("st-srvcut")
-    amqp_daemon(daemon_factory, name, command=STREAMER, AWS_LAMBDA_FUNCTION_TIMEOUT=30)
+    amqp_daemon(daemon_factory, name, command=STREAMER, AWS_LAMBDA_FUNCTION_TIMEOUT=4)
     with BrokerPath() as path:
         server = server_factory(AMQP_URI=path.uri())
         client = StreamClient(server.url, name, Payload=event(chunks=["a"], then="hang"))
@@ -338,6 +338,21 @@ def test_stream_over_the_limit_is_cut_by_the_daemon(daemon_factory, server_facto
     assert received <= errors.STREAM_RESPONSE_LIMIT
 
 
+def test_lambda_server_stopped_mid_stream(daemon_factory, server_factory):
+    """SIGTERM: the stream gets the shutdown grace (here the 2 s fail-safe), then an error event;
+    the lambda-server exits 0."""
+    name = unique_name("st-stop")
+    amqp_daemon(daemon_factory, name, command=STREAMER, AWS_LAMBDA_FUNCTION_TIMEOUT=6, MIN_INSTANCES=1)
+    server = server_factory(AWS_LAMBDA_FUNCTION_TIMEOUT=2)
+    client = StreamClient(server.url, name, Payload=event(chunks=["a"], then="hang"))
+    assert client.next_event(30) == {"PayloadChunk": {"Payload": b"a"}}
+    server.signal(signal.SIGTERM)
+    events = client.all_events(30)
+    assert events[-1] == {"InvokeComplete": {"ErrorCode": "ServiceException",
+                                             "ErrorDetails": "lambda-server is shutting down."}}
+    assert server.wait(15) == 0
+
+
 # ---- the Invoke checks on the streaming route of the lambda-server ----------------------------
 
 def test_streaming_route_checks_and_refusals(daemon_factory, server_factory):
@@ -365,13 +380,14 @@ def test_streaming_route_checks_and_refusals(daemon_factory, server_factory):
 def test_throttled_streaming_invoke_is_a_429(daemon_factory, server_factory):
     name = unique_name("st-429")
     amqp_daemon(daemon_factory, name, command=STREAMER, MAX_CONCURRENCY=1, MAX_QUEUED_INVOCATIONS=0,
-                AWS_LAMBDA_FUNCTION_TIMEOUT=30)
+                AWS_LAMBDA_FUNCTION_TIMEOUT=4)
     server = server_factory()
     busy = StreamClient(server.url, name, Payload=event(chunks=["busy"], then="hang"))
     assert busy.next_event(30) == {"PayloadChunk": {"Payload": b"busy"}}
     lam = lambda_client(server.url)
     with pytest.raises(lam.exceptions.TooManyRequestsException):
         lam.invoke_with_response_stream(FunctionName=name)
+    assert busy.all_events()[-1]["InvokeComplete"]["ErrorCode"] == "Sandbox.Timedout"
 
 
 def test_fail_safe_timeout_before_anything_streams(server_factory):

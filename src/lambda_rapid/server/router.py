@@ -361,7 +361,7 @@ class Router:
             wait = deadline_in / 1000 + STREAM_GRACE if relay.timed else self.config.timeout
             if p.timer is not None:
                 p.timer.cancel()
-            p.timer = self.loop.call_later(min(wait, self.config.timeout), self._timed_out, p)
+            p.timer = self.loop.call_later(wait, self._timed_out, p)
         return False
 
     def _begin(self, p: Pending, relay: Relay, headers: Optional[dict]) -> None:
