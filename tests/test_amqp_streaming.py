@@ -710,3 +710,17 @@ def test_resequencer_rules():
     for seq in range(1, eventstream.HELD_LIMIT + 1):
         assert order.accept("a", seq, seq) == []
     assert order.accept("a", eventstream.HELD_LIMIT + 1, 0) is eventstream.OVERFLOW
+
+
+def test_pieces_are_joined_and_split_at_the_message_limit():
+    from lambda_rapid.invoke.amqp_rpc import ResponseStream
+
+    limit = eventstream.PIECE_LIMIT
+    stream = ResponseStream.__new__(ResponseStream)  # only its queue of pieces is used here
+    stream.parts = [b"a" * 10, b"b" * (limit - 20), b"c" * 30, b"d" * (2 * limit + 5)]
+    taken = []
+    while stream.parts:
+        taken.append(stream._take())
+    assert [len(t) for t in taken] == [limit, limit, limit, 25]
+    assert taken[0] == b"a" * 10 + b"b" * (limit - 20) + b"c" * 10
+    assert b"".join(taken) == b"a" * 10 + b"b" * (limit - 20) + b"c" * 30 + b"d" * (2 * limit + 5)
