@@ -89,9 +89,11 @@ def wait_consumers(queue: str, count: int = 1, timeout: float = 15.0) -> None:
 CREATED: list = []  # queues declared by the daemons ``amqp_daemon`` started for the running test
 
 
-def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", **env) -> Proc:
-    """A daemon of function ``name`` (a tests/functions handler) consuming its queue."""
-    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name,
+def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", command: Optional[list] = None,
+                cwd: Path = FUNCTIONS_DIR, **env) -> Proc:
+    """A daemon of function ``name`` consuming its queue: awslambdaric with a tests/functions
+    ``handler``, or the runtime ``command`` given."""
+    proc = daemon_factory(RIC + [handler] if command is None else command, cwd=cwd, AWS_LAMBDA_FUNCTION_NAME=name,
                           **{"AMQP_URI": AMQP_URI, **env})
     CREATED.append(name)
     wait_consumers(name)

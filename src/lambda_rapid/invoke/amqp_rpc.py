@@ -8,6 +8,12 @@ same ``correlation_id``, ``content_type`` application/json and the headers
 (bad client context, oversized body, 429) are replies carrying ``x-amzn-ErrorType``; a message
 that cannot be understood is answered, never a crash.
 
+A request marked ``X-Amz-Invoke-Mode: RESPONSE_STREAM`` (InvokeWithResponseStream through the
+lambda-server) is answered piece by piece as the runtime streams its /response
+(``ResponseStream``): one reply message per piece, numbered, then a final InvokeComplete message
+(``eventstream`` names the headers, ``docs/amqp.md`` the format). Without that header a streaming
+runtime's pieces are joined into the one reply, as before.
+
 A request is acked only once its reply is confirmed by the broker, so a daemon that dies
 mid-invocation loses nothing: the broker redelivers. A request does not run twice *here*: when
 the connection drops, every request that ran or runs on the dead channel is kept (``Kept``) with
@@ -36,9 +42,9 @@ from ..amqp import aiormq_tuning
 from ..amqp.aiormq_tuning import NO_DRAIN
 from ..amqp.link import BrokerLink, header_text
 from ..config import Config
-from ..invocation import SUCCESS, Invocation, Result
+from ..invocation import SUCCESS, Invocation, Result, new_request_id
 from ..pool import Pool
-from . import contract
+from . import contract, eventstream
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,10 @@ KEPT_BYTES = 64 * 1024 * 1024
 KEPT_SECONDS = 600.0
 REPLY_WAIT = 30.0  # longest wait for the other delivery's reply to be confirmed before sending it again
 REQUEUE = object()  # a Result stand-in: give the message back to the broker instead of replying
+# A streamed response's bytes not yet confirmed by the broker, beyond which the runtime's /response
+# is not read until they are (the Runtime API honours it when its HTTP layer has flow control).
+STREAM_WINDOW = 4 * eventstream.PIECE_LIMIT
+_OCTET_STREAM = "application/octet-stream"
 
 
 def prefetch_count(config: Config) -> int:
@@ -70,13 +80,14 @@ def prefetch_count(config: Config) -> int:
 class Delivery:
     """One request message from receipt to ack (or requeue)."""
 
-    __slots__ = ("tag", "generation", "inv", "future", "key", "replying", "kept")
+    __slots__ = ("tag", "generation", "inv", "future", "key", "replying", "kept", "stream")
 
     def __init__(self, tag: int, generation: int) -> None:
         self.tag = tag
         self.generation = generation
         self.inv: Optional[Invocation] = None
         self.future: Optional[asyncio.Future] = None
+        self.stream: Optional[ResponseStream] = None  # a response streamed to the caller
         # (correlation_id, reply_to, body length): what recognises a redelivered copy of this request
         self.key: Optional[tuple] = None
         self.replying = False  # its reply is being published
@@ -86,10 +97,10 @@ class Delivery:
 class Kept:
     """A request that ran (or runs) here on a channel that died: what its redelivered copy gets."""
 
-    __slots__ = ("inv", "future", "result", "replied", "sending", "at", "size")
+    __slots__ = ("inv", "future", "result", "replied", "sending", "at", "size", "stream")
 
     def __init__(self, inv: Optional[Invocation], future: Optional[asyncio.Future], result: Optional[Result],
-                 replied: bool) -> None:
+                 replied: bool, stream: Optional[ResponseStream] = None) -> None:
         self.inv = inv
         self.future = future  # the run's Result while it still runs
         self.result = result  # held only until a reply is confirmed
@@ -97,6 +108,8 @@ class Kept:
         self.sending: Optional[asyncio.Future] = None  # a reply being published right now
         self.at = time.monotonic()
         self.size = len(result.body) if result is not None and not replied else 0
+        # A streamed response goes on from its own run (on the next channel): a copy only waits for it.
+        self.stream = stream
 
 
 class AmqpRpc:
@@ -200,7 +213,7 @@ class AmqpRpc:
                 self.pool.abandon(inv)
                 self._resolve(delivery, REQUEUE)
             elif delivery.key is not None:
-                kept = delivery.kept = Kept(inv, delivery.future, None, False)
+                kept = delivery.kept = Kept(inv, delivery.future, None, False, delivery.stream)
                 if delivery.replying:
                     kept.sending = asyncio.get_event_loop().create_future()
                 self._keep(delivery.key, kept)
@@ -265,7 +278,7 @@ class AmqpRpc:
         if self.stopping or not self.pool.accepting:
             return await self._requeue(delivery)
         try:
-            inv = self._invocation(message)
+            inv, streaming = self._invocation(message)
         except contract.Refusal as refusal:
             self.pool.metrics.outcomes["rejected"] += 1
             code = refusal.api_error.code
@@ -286,13 +299,25 @@ class AmqpRpc:
                     self._forget(key)  # too old: run it again
         future = delivery.future = asyncio.get_event_loop().create_future()
         delivery.inv = inv
+        if streaming and reply_to:
+            stream = delivery.stream = ResponseStream(self, inv, reply_to, correlation_id)
+            inv.on_chunk = stream.piece
         inv.on_done = lambda _inv, result: self._resolve(delivery, result)
         self.pool.submit(inv)
         result = await future
         if result is REQUEUE:
             return  # the broker has it back already
+        stream = delivery.stream
+        if stream is not None:
+            if stream.began or result.api_error is None:
+                return await self._end_stream(delivery, stream, result)
+            # Refused before anything was streamed (429, shutting down): answered as any request is.
+            delivery.stream = None
+            if not stream.ended.done():
+                stream.ended.set_result(False)
         kept = delivery.kept
         if kept is not None:  # its channel died while it ran: it and its copy share one reply
+            kept.stream = None
             return await self._answer_kept(delivery, delivery.key, kept, reply_to, correlation_id)
         if result.api_error is errors.SERVICE:
             return await self._requeue(delivery)
@@ -309,10 +334,31 @@ class AmqpRpc:
             self._hold(key, kept, result)
         self._settled(key, kept, replied)
 
+    async def _end_stream(self, delivery: Delivery, stream: ResponseStream, result: Result) -> None:
+        """The run of a streamed response is over: send the final message after the pieces still
+        on their way, and ack once it is confirmed. If the channel died meanwhile, the stream goes
+        on over the next one and a copy of the request that comes back here waits for it
+        (``_answer_kept``), then is acked: it does not run again here."""
+        delivery.replying = True
+        confirmed = await stream.finish(result)
+        if delivery.kept is None and confirmed and self._ack(delivery):
+            return
+        key = delivery.key
+        if delivery.kept is None and key is not None:  # the channel died as the final message went out
+            self._keep(key, Kept(delivery.inv, None, None, True, stream))
+
     async def _answer_kept(self, delivery: Delivery, key: tuple, kept: Kept, reply_to: Optional[str],
                            correlation_id: str) -> None:
         """Answer ``delivery`` from a kept run: wait for the run, send its reply unless one was
         confirmed (or is on its way from the other delivery), then ack, which ends the keeping."""
+        stream = kept.stream
+        if stream is not None:
+            # The run streams (or streamed) to its caller from this daemon, over the new channel if
+            # it still runs: the copy is acked once the stream has ended, and never runs again here.
+            await stream.ended
+            if self._ack(delivery):
+                self._forget(key)
+            return
         future = kept.future
         if future is not None:
             result = await future  # at once when the run is over
@@ -376,17 +422,25 @@ class AmqpRpc:
         if future is not None and not future.done():
             future.set_result(result)
 
-    def _invocation(self, message) -> Invocation:
-        """The Invocation a request message asks for; a contract.Refusal says why not."""
+    def _invocation(self, message) -> tuple:
+        """(the Invocation a request message asks for, whether its caller streams the response);
+        a contract.Refusal says why not."""
         props = message.header.properties
         headers = _headers(props.headers)
+        mode = headers.get("x-amz-invoke-mode")
+        streaming = mode == eventstream.RESPONSE_STREAM
+        if mode is not None and not streaming and mode != eventstream.BUFFERED:
+            raise contract.Refusal(errors.INVALID_PARAMETER_VALUE, f"Unsupported invoke mode {mode[:100]!r}; use "
+                                   f"{eventstream.BUFFERED} or {eventstream.RESPONSE_STREAM}.")
         call = contract.parse(headers, self.queue_name, headers.get("x-amz-qualifier"), message.body,
                               serves=self.serves, region=self.config.region, check_json=False,
-                              tenant_isolated=self.tenant_isolated)
+                              tenant_isolated=self.tenant_isolated,
+                              allowed=contract.STREAM_INVOCATION_TYPES if streaming else contract.INVOCATION_TYPES)
         request_id = contract.request_id(header_text(props.correlation_id), self.pool.is_active)
-        return Invocation(request_id, call.payload, arn=self.arn, client_context=call.client_context,
-                          trace_id=call.trace_id, invocation_type=call.invocation_type, tail=call.tail,
-                          qualifier=call.qualifier, tenant_id=call.tenant_id)
+        inv = Invocation(request_id, call.payload, arn=self.arn, client_context=call.client_context,
+                         trace_id=call.trace_id, invocation_type=call.invocation_type, tail=call.tail,
+                         qualifier=call.qualifier, tenant_id=call.tenant_id)
+        return inv, streaming
 
     # ---- replies and acks ----------------------------------------------------------------------
     async def _publish_result(self, inv: Invocation, result: Result, reply_to: Optional[str],
@@ -410,7 +464,7 @@ class AmqpRpc:
         return await self._publish(reply_to, correlation_id, result.body, headers)
 
     async def _publish(self, reply_to: Optional[str], correlation_id: Optional[str], body: bytes,
-                       headers: Optional[dict]) -> bool:
+                       headers: Optional[dict], content_type: str = "application/json") -> bool:
         """Publish one reply (when one is wanted) and wait for the broker's confirm."""
         if not reply_to:
             return True
@@ -420,7 +474,7 @@ class AmqpRpc:
             log.warning("reply to %s waits: no AMQP connection (the broker redelivers the request if its "
                         "queue survived, and the copy is answered from this run)", correlation_id)
             return False
-        props = Basic.Properties(content_type="application/json", correlation_id=correlation_id,
+        props = Basic.Properties(content_type=content_type, correlation_id=correlation_id,
                                  headers=headers or None, delivery_mode=1)
         if self.acks:
             self._flush_acks()  # queued right before the reply: one socket write for both
@@ -485,6 +539,180 @@ class AmqpRpc:
             await link.underlay.basic_nack(delivery.tag, requeue=True)
         except Exception as e:
             log.warning("requeue of message %d failed: %s", delivery.tag, link.describe(e))
+
+
+class ResponseStream:
+    """A response streamed to its caller, one reply message per piece (``docs/amqp.md``): pieces
+    numbered 0, 1, ... in order, then the final InvokeComplete message, all with this run's id.
+
+    One message is in flight at a time: the pieces the runtime streams meanwhile are joined into
+    the next one (up to ``eventstream.PIECE_LIMIT``), so a fast runtime costs few messages and a
+    slow one's pieces go out as they come. A publish that fails (the connection dropped) is sent
+    again, same number, once the link is back (the caller drops a repeat); after REPLY_WAIT without
+    a link the stream is given up (the caller's side ends it by its own bound). Past STREAM_WINDOW
+    unconfirmed bytes ``piece`` returns the stream, whose ``when_drained`` says when to go on."""
+
+    __slots__ = ("rpc", "inv", "reply_to", "correlation_id", "run", "seq", "parts", "buffered", "sender",
+                 "final", "waiters", "ended", "began", "gave_up")
+
+    def __init__(self, rpc: AmqpRpc, inv: Invocation, reply_to: str, correlation_id: str) -> None:
+        self.rpc = rpc
+        self.inv = inv
+        self.reply_to = reply_to
+        self.correlation_id = correlation_id
+        self.run = new_request_id()
+        self.seq = 0  # number of the next message
+        self.parts: list = []  # pieces not yet published, in order
+        self.buffered = 0  # bytes in ``parts`` and in flight
+        self.sender: Optional[asyncio.Task] = None
+        self.final: Optional[tuple] = None  # (body, headers) of the last message, once the run is over
+        self.waiters: list = []  # when_drained callbacks
+        self.ended: asyncio.Future = asyncio.get_event_loop().create_future()  # True: final confirmed
+        self.began = False  # a piece was handed over: the caller's stream has started
+        self.gave_up = False
+
+    # ---- from the Runtime API (Invocation.on_chunk) --------------------------------------------
+    def piece(self, data: bytes) -> Optional[ResponseStream]:
+        if not data or self.final is not None or self.gave_up:
+            return None
+        self.began = True
+        self.parts.append(bytes(data))
+        self.buffered += len(data)
+        self._send_soon()
+        return self if self.buffered > STREAM_WINDOW else None
+
+    def when_drained(self, callback) -> None:
+        """Call ``callback`` once the unconfirmed bytes are below the window again (or never will be)."""
+        if self.buffered <= STREAM_WINDOW or self.gave_up or self.ended.done():
+            callback()
+        else:
+            self.waiters.append(callback)
+
+    # ---- from AmqpRpc ----------------------------------------------------------------------------
+    def finish(self, result: Result) -> asyncio.Future:
+        """Queue the final message for ``result`` (after any pieces still on their way); the future
+        says whether it was confirmed."""
+        config = self.rpc.config
+        headers = {contract.REQUEST_ID: self.inv.request_id, contract.EXECUTED_VERSION: config.function_version}
+        log_result = None
+        if result.log_tail is not None:
+            log_result = headers[contract.LOG_RESULT] = base64.b64encode(result.log_tail).decode()
+        if result.outcome == SUCCESS:
+            if result.body:  # answered with an ordinary (not streamed) /response: one piece
+                self.piece(result.body)
+            document = eventstream.complete_document(log_result=log_result)
+        else:
+            code, details = eventstream.error_fields(result.body)
+            if result.api_error is not None:
+                code = result.api_error.code
+            document = eventstream.complete_document(code, details, log_result)
+            headers[contract.FUNCTION_ERROR] = contract.UNHANDLED
+        self.final = (document, headers)
+        self._send_soon()
+        return self.ended
+
+    def _send_soon(self) -> None:
+        if self.sender is None and not self.gave_up:
+            rpc = self.rpc
+            task = self.sender = asyncio.get_event_loop().create_task(self._send())
+            rpc.tasks.add(task)
+            task.add_done_callback(rpc.tasks.discard)
+
+    async def _send(self) -> None:
+        try:
+            while not self.gave_up:
+                headers = {eventstream.SEQUENCE: self.seq, eventstream.RUN: self.run}
+                if self.parts:
+                    body = self._take()
+                    headers[eventstream.EVENT] = eventstream.PAYLOAD_CHUNK
+                    if self.seq == 0:
+                        inv = self.inv
+                        headers[contract.REQUEST_ID] = inv.request_id
+                        headers[contract.EXECUTED_VERSION] = self.rpc.config.function_version
+                        if inv.deadline_ms:
+                            headers[eventstream.DEADLINE_IN_MS] = max(0, inv.deadline_ms - int(time.time() * 1000))
+                    content_type = _OCTET_STREAM
+                elif self.final is not None:
+                    body, extra = self.final
+                    headers[eventstream.EVENT] = eventstream.INVOKE_COMPLETE
+                    headers.update(extra)
+                    content_type = "application/json"
+                else:
+                    return
+                if not await self._deliver(body, headers, content_type):
+                    return self._give_up()
+                self.seq += 1
+                if headers[eventstream.EVENT] == eventstream.INVOKE_COMPLETE:
+                    self.ended.set_result(True)
+                    return self._drained()
+                self.buffered -= len(body)
+                if self.buffered <= STREAM_WINDOW:
+                    self._drained()
+        finally:
+            self.sender = None
+
+    def _take(self) -> bytes:
+        """The next piece message: the waiting pieces joined, up to PIECE_LIMIT bytes."""
+        parts, limit = self.parts, eventstream.PIECE_LIMIT
+        first = parts[0]
+        if len(first) >= limit or len(parts) == 1:
+            if len(first) > limit:
+                parts[0] = first[limit:]
+                return first[:limit]
+            del parts[0]
+            return first
+        out = bytearray()
+        while parts and len(out) + len(parts[0]) <= limit:
+            out += parts.pop(0)
+        if parts and len(out) < limit:
+            room = limit - len(out)
+            out += parts[0][:room]
+            parts[0] = parts[0][room:]
+        return bytes(out)
+
+    async def _deliver(self, body: bytes, headers: dict, content_type: str) -> bool:
+        """Publish one message until it is confirmed, across reconnects; False after REPLY_WAIT
+        without a connection that takes it."""
+        rpc = self.rpc
+        link = rpc.link
+        loop = asyncio.get_event_loop()
+        give_up_at = None
+        while True:
+            generation = link.generation
+            if await rpc._publish(self.reply_to, self.correlation_id, body, headers, content_type):
+                return True
+            now = loop.time()
+            if give_up_at is None:
+                give_up_at = now + REPLY_WAIT
+            if now >= give_up_at or rpc.link.closing:
+                return False
+            # Wait for the next channel: the link may not have noticed the loss yet.
+            while link.generation == generation or link.underlay is None:
+                left = give_up_at - loop.time()
+                if left <= 0 or link.closing:
+                    return False
+                try:
+                    await asyncio.wait_for(link.connected.wait(), left)
+                except asyncio.TimeoutError:
+                    return False
+                if link.generation == generation:
+                    await asyncio.sleep(0.05)  # connected, but still the channel that failed
+            log.info("stream of %s goes on over the new connection from message %d", self.inv.request_id, self.seq)
+
+    def _give_up(self) -> None:
+        log.warning("stream of %s given up at message %d: no AMQP connection for %.0f s", self.inv.request_id,
+                    self.seq, REPLY_WAIT)
+        self.gave_up = True
+        self.parts = []
+        self.buffered = 0
+        if not self.ended.done():
+            self.ended.set_result(False)
+        self._drained()
+
+    def _drained(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for callback in waiters:
+            callback()
 
 
 def _headers(table: object) -> dict:

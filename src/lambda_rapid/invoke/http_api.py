@@ -145,7 +145,7 @@ class InvokeApi:
                 stream.chunk(result.body)
             complete = eventstream.invoke_complete(log_result=log_result)
         else:
-            code, details = _error_fields(result.body)
+            code, details = eventstream.error_fields(result.body)
             complete = eventstream.invoke_complete(code, details, log_result)
         if not stream.started:
             stream.start()
@@ -201,19 +201,6 @@ class _StreamReply:
         if not self.started:
             self.start()
         return self.request.write(eventstream.payload_chunk(data))
-
-
-def _error_fields(body: bytes) -> tuple:
-    """(ErrorCode, ErrorDetails) of InvokeComplete from a function error body: its errorType and
-    errorMessage when it is the usual JSON object, else ``Unhandled`` and the body as text."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("errorType"), str):
-        message = doc.get("errorMessage")
-        return doc["errorType"], message if isinstance(message, str) else json.dumps(message)
-    return "Unhandled", body.decode("utf-8", "replace")
 
 
 def _event_done(inv: Invocation, result: Result) -> None:

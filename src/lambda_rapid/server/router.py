@@ -8,8 +8,17 @@ returned (unroutable) request means no daemon serves that name: 404 at once. ``E
 persistent and answered 202 once the broker confirmed it; ``DryRun`` 204 when the function's queue
 exists (any queue type: the passive declare and the mandatory publish do not care).
 
-Every wait is bounded: a reply that never comes ends in the fail-safe timeout body, a lost broker
-connection fails every waiting request at once with 502, and new requests get 503 until the link
+A response-streaming invoke (InvokeWithResponseStream) is published with ``X-Amz-Invoke-Mode:
+RESPONSE_STREAM``; the daemon answers with one message per piece, numbered, then a final
+InvokeComplete message (``eventstream`` names the headers). Each is relayed as AWS's event stream
+the moment it is due (``Relay``: in sequence order, repeats dropped, a run of the request that
+started over after its daemon was lost ends the stream with an error event). An ordinary reply
+(a refusal, or a daemon that does not stream) becomes a whole answer in the same framing.
+
+Every wait is bounded: a reply that never comes ends in the fail-safe timeout body, a stream whose
+daemon goes quiet ends with an error event a few seconds after the function's deadline, a stream
+is cut at the streamed response limit, a lost broker connection fails every waiting request at
+once (502, or an error event once the stream has started), and new requests get 503 until the link
 is back (``amqp.link.BrokerLink`` reconnects by itself). It runs no function and has no pool, and
 knows the daemon only by the wire format (``docs/amqp.md``).
 """
@@ -32,7 +41,7 @@ from ..amqp.link import BrokerLink, header_text
 from ..histogram import Histogram
 from ..http.server import Request, header
 from ..invocation import new_request_id
-from ..invoke import contract
+from ..invoke import contract, eventstream
 from .config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -44,23 +53,42 @@ _FUNCTION_ERROR = header(contract.FUNCTION_ERROR, contract.UNHANDLED)
 # A daemon that sends no Retry-After with its 429 (older ones, the Go daemon): retry in a second.
 _RETRY_AFTER = contract.retry_after(0)
 OUTCOMES = ("success", "function_error", "event_accepted", "dry_run", "not_found", "timeout", "api_error",
-            "rejected", "unavailable", "broker_lost")
+            "rejected", "unavailable", "broker_lost", "stream_cut")
 # A function that answered within this many seconds and is now unroutable has lost its queue for a
 # moment (a broker restart drops non-durable queues until the daemons re-declare them): 503, not 404.
 RECENTLY_SERVED = 60.0
+# A stream's daemon sends its final message at the function's deadline at the latest (it times the
+# invocation out then): this much later, a stream still open has lost its daemon.
+STREAM_GRACE = 3.0
+_EVENT_STREAM = b"content-type: application/vnd.amazon.eventstream\r\n"
+_SERVICE_EXCEPTION = errors.SERVICE.code
 
 
 class Pending:
-    """A RequestResponse invoke waiting for its reply."""
+    """A RequestResponse invoke waiting for its reply (or, streaming, for the end of its stream)."""
 
-    __slots__ = ("request", "rid", "timer", "started", "name")
+    __slots__ = ("request", "rid", "timer", "started", "name", "relay")
 
-    def __init__(self, request: Request, rid: str, name: str) -> None:
+    def __init__(self, request: Request, rid: str, name: str, relay: Optional[Relay] = None) -> None:
         self.request = request
         self.rid = rid
         self.name = name
         self.timer: Optional[asyncio.TimerHandle] = None
         self.started = time.monotonic()
+        self.relay = relay
+
+
+class Relay:
+    """A response-streaming invoke's answer as its messages arrive: the event stream's head goes
+    out with the first message due, each piece as a PayloadChunk, the final one as InvokeComplete."""
+
+    __slots__ = ("order", "began", "size", "timed")
+
+    def __init__(self) -> None:
+        self.order = eventstream.Resequencer()
+        self.began = False  # the 200 and the event stream's head are written
+        self.size = 0  # payload bytes relayed
+        self.timed = False  # the bound is the daemon's deadline (from message 0), not the fail-safe
 
 
 class Metrics:
@@ -93,16 +121,29 @@ class Router:
         """Nothing waiting can get its reply any more (direct reply-to dies with the channel)."""
         pending, self.pending = self.pending, {}
         for p in pending.values():
+            if p.relay is not None and p.relay.began:
+                self._cut(p, "The connection to the message broker was lost mid-stream; the invocation may or may "
+                             "not have completed.", "broker_lost")
+                continue
             self._api_error(p.request, p.rid, errors.BAD_GATEWAY,
                             "The connection to the message broker was lost; the invocation may or may not have "
                             "run.", "broker_lost")
 
     def _on_reply(self, message) -> None:
         props = message.header.properties
-        p = self.pending.pop(props.correlation_id, None)
+        pending = self.pending
+        p = pending.get(props.correlation_id)
         if p is None:
             log.debug("reply for %s: nobody is waiting (timed out or gone)", props.correlation_id)
             return
+        if p.relay is not None:
+            return self._on_stream_message(p, message)
+        del pending[props.correlation_id]
+        self._answer(p, message)
+
+    def _answer(self, p: Pending, message) -> None:
+        """The HTTP answer to ``p`` from its (one) reply."""
+        props = message.header.properties
         if p.timer is not None:
             p.timer.cancel()
         now = time.monotonic()
@@ -138,10 +179,14 @@ class Router:
     def handle(self, request: Request) -> None:
         path = request.path
         name = contract.function_in_path(path)
+        streaming = False
+        if name is None:
+            name = contract.function_in_path(path, contract.STREAM_PREFIX, contract.STREAM_SUFFIX)
+            streaming = name is not None
         if name is not None:
             if request.method != "POST":
                 return _plain(request, 405, "Method Not Allowed", header("Allow", "POST"))
-            return self.invoke(request, name)
+            return self.invoke(request, name, streaming)
         if path == "/_/health":
             return _get(request, lambda: request.respond(200, _TEXT, b"OK"))
         elif path == "/_/ready":
@@ -161,13 +206,15 @@ class Router:
         return self.accepting and self.link.is_up
 
     # ---- invoke ------------------------------------------------------------------------------
-    def invoke(self, request: Request, raw_name: str) -> None:
+    def invoke(self, request: Request, raw_name: str, streaming: bool = False) -> None:
         headers = request.headers
         rid = contract.request_id(headers.get("amz-sdk-invocation-id"), self.pending.__contains__)
         try:
             # Whether the function is tenant-isolated is the daemon's to say: only the id's form is checked here.
-            call = contract.parse_http(headers, raw_name, request.query, request.body, request.too_large,
-                                       serves=_routable, region=self.config.region, tenant_isolated=None)
+            call = contract.parse_http(
+                headers, raw_name, request.query, request.body, request.too_large, serves=_routable,
+                region=self.config.region, tenant_isolated=None,
+                allowed=contract.STREAM_INVOCATION_TYPES if streaming else contract.INVOCATION_TYPES)
         except contract.Refusal as refusal:
             outcome = "not_found" if refusal.api_error is errors.RESOURCE_NOT_FOUND else "rejected"
             return self._refuse(request, rid, refusal, outcome)
@@ -192,6 +239,8 @@ class Router:
         event = invocation_type == "Event"
         if event:
             amqp_headers["X-Amz-Invocation-Type"] = "Event"
+        if streaming:
+            amqp_headers[eventstream.INVOKE_MODE] = eventstream.RESPONSE_STREAM
         # An Event is answered 202 once confirmed, so it must survive a broker restart (persistent, in
         # a durable queue; quorum queues keep every message). A RequestResponse caller is answered
         # 502 when the broker goes away, and its reply-to dies with our channel: transient is enough.
@@ -201,7 +250,7 @@ class Router:
             timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             headers=amqp_headers or None)
         if not event:
-            p = Pending(request, rid, name)
+            p = Pending(request, rid, name, Relay() if streaming else None)
             self.pending[rid] = p  # before publishing: a reply may come before the publish confirm
             p.timer = self.loop.call_later(self.config.timeout, self._timed_out, p)
             request.on_abandon = lambda: self._abandon(p)
@@ -265,15 +314,145 @@ class Router:
         self.metrics.outcomes["dry_run"] += 1
         request.respond(204, header("x-amzn-RequestId", rid))
 
+    # ---- response streams ----------------------------------------------------------------------
+    def _on_stream_message(self, p: Pending, message) -> None:
+        headers = message.header.properties.headers or {}
+        seq = headers.get(eventstream.SEQUENCE)
+        if seq is None:  # an ordinary reply: a refusal, or a daemon that does not stream
+            return self._stream_reply(p, message, headers)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            log.warning("%s: stream message with a bad %s %r: ignored", p.rid, eventstream.SEQUENCE, seq)
+            return
+        relay = p.relay
+        assert relay is not None
+        due = relay.order.accept(header_text(headers.get(eventstream.RUN)) or "", seq, message)
+        if due is eventstream.RERUN:
+            return self._cut(p, "The daemon streaming the response was lost and the request ran again from "
+                                "the start elsewhere; the stream is cut.")
+        if due is eventstream.OVERFLOW:
+            return self._cut(p, "Pieces of the streamed response went missing; the stream is cut.")
+        for item in due:
+            if self._relay(p, relay, item):
+                return
+
+    def _relay(self, p: Pending, relay: Relay, message) -> bool:
+        """Relay one message that is due; True when the stream is over."""
+        headers = message.header.properties.headers or {}
+        request = p.request
+        if not relay.began:
+            self._begin(p, relay, headers)
+        body = message.body
+        if header_text(headers.get(eventstream.EVENT)) == eventstream.INVOKE_COMPLETE:
+            code, details, log_result = eventstream.complete_fields(body)
+            self._finish(p)
+            self.metrics.outcomes["success" if code is None else "function_error"] += 1
+            request.write(eventstream.invoke_complete(code, details, log_result))
+            request.end()
+            return True
+        relay.size += len(body)
+        if relay.size > errors.STREAM_RESPONSE_LIMIT:
+            self._cut(p, f"Response payload size exceeded maximum allowed payload size "
+                         f"({errors.STREAM_RESPONSE_LIMIT} bytes).", code="Function.ResponseSizeTooLarge")
+            return True
+        if body:
+            request.write(eventstream.payload_chunk(body))
+        if not relay.timed:
+            # Bound the rest by the invocation's deadline when the daemon says it (message 0 does),
+            # else by the fail-safe timeout of silence.
+            deadline_in = headers.get(eventstream.DEADLINE_IN_MS)
+            relay.timed = isinstance(deadline_in, int) and not isinstance(deadline_in, bool)
+            wait = deadline_in / 1000 + STREAM_GRACE if relay.timed else self.config.timeout
+            if p.timer is not None:
+                p.timer.cancel()
+            p.timer = self.loop.call_later(wait, self._timed_out, p)
+        return False
+
+    def _begin(self, p: Pending, relay: Relay, headers: Optional[dict]) -> None:
+        """Write the 200 and the event stream's head (the ids from the daemon's first message, if
+        it is one: None when the lambda-server ends the stream on its own)."""
+        relay.began = True
+        if headers is None:
+            headers = {}
+        else:
+            now = time.monotonic()
+            self.metrics.observe(now - p.started)
+            self.served[p.name] = now
+        rid = header_text(headers.get(contract.REQUEST_ID)) or p.rid
+        version = header_text(headers.get(contract.EXECUTED_VERSION)) or "$LATEST"
+        p.request.start(200, _EVENT_STREAM + header(contract.REQUEST_ID, rid) + header(contract.EXECUTED_VERSION,
+                                                                                        version))
+
+    def _stream_reply(self, p: Pending, message, headers: dict) -> None:
+        """An ordinary (not streamed) reply to a streaming invoke: an API error before the stream
+        began, else the whole answer as one PayloadChunk and the InvokeComplete."""
+        relay = p.relay
+        assert relay is not None
+        if relay.began:  # from another run (a daemon that does not stream) while this one streamed
+            return self._cut(p, "The daemon streaming the response was lost and the request ran again elsewhere; "
+                                "the stream is cut.")
+        if header_text(headers.get(contract.ERROR_TYPE)):
+            self._finish(p)
+            return self._answer(p, message)
+        body = message.body
+        tail = header_text(headers.get(contract.LOG_RESULT))
+        if headers.get(contract.FUNCTION_ERROR) is not None:
+            code, details = eventstream.error_fields(body)
+            self.metrics.outcomes["function_error"] += 1
+            complete, body = eventstream.invoke_complete(code, details, tail), b""
+        else:
+            self.metrics.outcomes["success"] += 1
+            complete = eventstream.invoke_complete(log_result=tail)
+        self._stream_whole(p, body, complete, headers)
+
+    def _stream_whole(self, p: Pending, body: bytes, complete: bytes, headers: Optional[dict]) -> None:
+        """A stream that is over before it began: its head, ``body`` as one piece, ``complete``."""
+        relay = p.relay
+        assert relay is not None
+        self._finish(p)
+        self._begin(p, relay, headers)
+        if body:
+            p.request.write(eventstream.payload_chunk(body))
+        p.request.write(complete)
+        p.request.end()
+
+    def _cut(self, p: Pending, details: str, outcome: str = "stream_cut", code: str = _SERVICE_EXCEPTION) -> None:
+        """End a stream that cannot go on with an InvokeComplete carrying the error."""
+        relay = p.relay
+        assert relay is not None
+        self._finish(p)
+        self.metrics.outcomes[outcome] += 1
+        log.info("%s: stream cut: %s", p.rid, details)
+        if not relay.began:
+            self._begin(p, relay, None)
+        p.request.write(eventstream.invoke_complete(code, details))
+        p.request.end()
+
+    def _finish(self, p: Pending) -> None:
+        if self.pending.get(p.rid) is p:
+            del self.pending[p.rid]
+        if p.timer is not None:
+            p.timer.cancel()
+            p.timer = None
+
     def _timed_out(self, p: Pending) -> None:
         p.timer = None
         if self.pending.get(p.rid) is not p:
             return
+        relay = p.relay
+        if relay is not None and relay.began:
+            if relay.timed:
+                return self._cut(p, f"The daemon streaming the response sent no end within {STREAM_GRACE:g} s of "
+                                    "the function's deadline; the stream is cut.")
+            return self._cut(p, f"The daemon streaming the response sent nothing for {self.config.timeout:g} s; "
+                                "the stream is cut.")
         del self.pending[p.rid]
         self.metrics.outcomes["timeout"] += 1
         log.info("%s: no reply within %.2f s", p.rid, self.config.timeout)
-        p.request.respond(200, _JSON + header(contract.REQUEST_ID, p.rid) + _FUNCTION_ERROR,
-                          errors.timeout_error(p.rid, self.config.timeout))
+        body = errors.timeout_error(p.rid, self.config.timeout)
+        if relay is not None:
+            code, details = eventstream.error_fields(body)
+            return self._stream_whole(p, b"", eventstream.invoke_complete(code, details), None)
+        p.request.respond(200, _JSON + header(contract.REQUEST_ID, p.rid) + _FUNCTION_ERROR, body)
 
     def _abandon(self, p: Pending) -> None:
         """The HTTP client went away: stop waiting (the function still runs, as on AWS)."""
@@ -315,6 +494,9 @@ class Router:
         for p in pending.values():
             if p.timer is not None:
                 p.timer.cancel()
+            if p.relay is not None and p.relay.began:
+                self._cut(p, "lambda-server is shutting down.", "unavailable")
+                continue
             self._api_error(p.request, p.rid, errors.SERVICE, "lambda-server is shutting down.", "unavailable")
 
     # ---- metrics -----------------------------------------------------------------------------
