@@ -316,19 +316,38 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
 def server_window(url: str, connections: int, seconds: float, pids: Dict[str, int], load: Load) -> dict:
     usage = Usage(pids)
     result = drive(url, connections, seconds, load)
-    return {"rate": round(result["rate"], 1), "count": result["requests"], "seconds": result["duration_us"] / 1e6,
+    answered = result["requests"] - result["status_errors"]  # a 502/503 is not an answered invocation
+    return {"rate": round(answered / (result["duration_us"] / 1e6), 1), "count": answered,
+            "seconds": result["duration_us"] / 1e6,
             "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "errors": result["errors"],
-            **usage.per(result["requests"]), "client_cpu_us_per_request": round(result["loadgen_cpu_us_per_inv"])}
+            **usage.per(max(answered, 1)), "client_cpu_us_per_request": round(result["loadgen_cpu_us_per_inv"])}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-async def open_sentinel(uri: str):
-    """An idle connection held for the whole run: closed at the end means the broker went away meanwhile
-    (a ``rabbitmqctl stop_app`` keeps the broker's pid)."""
-    import aio_pika
+class Sentinel:
+    """An idle connection held for the whole run: if the broker closes it, the broker went away meanwhile
+    (a ``rabbitmqctl stop_app`` keeps the broker's pid). aio-pika's ``is_closed`` does not say so; the
+    close callback does."""
 
-    return await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0")  # the loop idles between windows
+    def __init__(self) -> None:
+        self.lost = False
+        self.connection = None
+
+    async def open(self, uri: str) -> Sentinel:
+        import aio_pika
+
+        # heartbeat=0: the loop idles while wrk runs, and a missed heartbeat is not a broker restart
+        self.connection = await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0")
+        self.connection.close_callbacks.add(self._closed)
+        return self
+
+    def _closed(self, *_args: object) -> None:
+        self.lost = True
+
+    async def close(self) -> None:
+        self.connection.close_callbacks.discard(self._closed)
+        await self.connection.close()
 
 
 def broker_pid() -> Optional[int]:
@@ -355,7 +374,7 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             print(f"{side.name}: daemon pid {side.daemon.pid}, queue {side.queue}"  # type: ignore[union-attr]
                   + (f", lambda-server pid {side.server.pid}" if side.server else ""), file=sys.stderr, flush=True)
         ceiling.run(min(args.warmup, 1.0))  # the ceiling's runtimes warm up too
-        sentinel = loop.run_until_complete(open_sentinel(uri))
+        sentinel = loop.run_until_complete(Sentinel().open(uri))
         for r in range(args.rounds):
             measured: dict = {"workloads": {}}
             if r % 2 == 0:
@@ -384,7 +403,7 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             rounds.append(measured)
         memory = {side.name: side.memory() for side in sides}
         loop.run_until_complete(asyncio.sleep(0.05))  # let a closed sentinel connection notice
-        broker_restarted = (broker is not None and broker_pid() != broker) or sentinel.is_closed
+        broker_restarted = (broker is not None and broker_pid() != broker) or sentinel.lost
         loop.run_until_complete(sentinel.close())
     finally:
         loop.close()
