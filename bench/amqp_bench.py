@@ -338,7 +338,8 @@ class Sentinel:
         import aio_pika
 
         # heartbeat=0: the loop idles while wrk runs, and a missed heartbeat is not a broker restart
-        self.connection = await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0")
+        self.connection = await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0",
+                                                 client_properties={"connection_name": "amqp_bench sentinel"})
         self.connection.close_callbacks.add(self._closed)
         return self
 
