@@ -446,8 +446,9 @@ def summarise(run: dict, sides: List[Side], workloads: List[str]) -> dict:
         summary = {"sides": per_side}
         if len(sides) == 2:
             ours, peer = sides[0].name, sides[1].name
-            summary["x_peer"] = statistics.median(r["workloads"][workload][ours]["rate"]
-                                                  / max(r["workloads"][workload][peer]["rate"], 1e-9) for r in rounds)
+            paired = [r["workloads"][workload][ours]["rate"] / r["workloads"][workload][peer]["rate"]
+                      for r in rounds if r["workloads"][workload][peer]["rate"] > 0]
+            summary["x_peer"] = statistics.median(paired) if paired else None  # None: the peer answered nothing
         out["workloads"][workload] = summary
     return out
 
@@ -475,7 +476,8 @@ def report(summary: dict, memory: dict, sides: List[Side], workloads: List[str],
             ratios = [f"{a[k] / b[k]:>7.2f}" if b.get(k) else f"{'-':>7}" for k in
                       ("p50_ms", "p99_ms", "daemon_cpu_us_per_request", "server_cpu_us_per_request",
                        "broker_cpu_us_per_request")]
-            lines.append(f"{'':<20} {'ours÷' + sides[1].name:<9} {s['x_peer']:>8.2f} {'':>7} " + " ".join(ratios))
+            x = f"{s['x_peer']:>8.2f}" if s["x_peer"] is not None else f"{'-':>8}"
+            lines.append(f"{'':<20} {'ours÷' + sides[1].name:<9} {x} {'':>7} " + " ".join(ratios))
     c = summary["ceiling"]
     lines.append(f"ceiling ({args.max_concurrency} runtimes, no daemon): {c['rate']:,.0f} inv/s, p50 "
                  f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms")
