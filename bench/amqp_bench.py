@@ -64,6 +64,7 @@ from run import (
 
 BIN = Path(sys.executable).parent
 PAYLOAD = '{"key": "value"}'
+RPC_TIMEOUT = 5.0  # seconds before an unanswered AMQP-RPC request counts as failed
 STALL = 0.25  # a window below this fraction of the same side's best window is reported as stalled
 
 
@@ -288,7 +289,14 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     async def worker() -> None:
         while loop.time() < stop_at:
             started = time.perf_counter()  # (uvloop's loop.time() ticks in whole milliseconds)
-            body = await client.call(queue, 30)
+            try:
+                body = await client.call(queue, RPC_TIMEOUT)
+            except asyncio.TimeoutError:  # a lost request or reply: an error, and the next one goes out
+                counted[1] += measuring[0]
+                continue
+            except Exception:  # the connection is gone (broker restart): this worker stops
+                counted[1] += 1
+                return
             if measuring[0]:
                 latencies.append(time.perf_counter() - started)
                 counted[0] += 1
@@ -306,7 +314,10 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     cpu_client = time.process_time() - cpu_client
     per_process = usage.per(counted[0])
     await asyncio.gather(*tasks)
-    await client.close()
+    try:
+        await client.close()
+    except Exception:
+        pass
     return {"rate": round(counted[0] / elapsed, 1), "count": counted[0], "seconds": round(elapsed, 2),
             "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 2), "errors": counted[1], **per_process,
