@@ -421,6 +421,13 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
         loop.close()
         for side in sides:
             side.stop()
+            cleanup = asyncio.new_event_loop()  # the daemon's queue is durable: it would outlive the run
+            try:
+                cleanup.run_until_complete(delete_queue(args.amqp_uri, side.queue))
+            except Exception as e:  # noqa: BLE001 - a queue left behind is reported, not fatal
+                print(f"could not delete queue {side.queue}: {e}", file=sys.stderr)
+            finally:
+                cleanup.close()
         ceiling.close()
     return {"rounds": rounds, "memory": memory, "broker_restarted": broker_restarted}
 
@@ -584,6 +591,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {output}")
     return 0
+
+
+async def delete_queue(uri: str, queue: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(uri)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+    finally:
+        await connection.close()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ on top. Use it to compare hot-path changes quickly and repeatably, even on a bus
 ``--src DIR`` imports ``lambda_rapid`` from DIR instead of ``src/`` (e.g. a copy with one file
 taken from ``git show HEAD:...``), to compare two versions of the hot path.
 
-It reaches into the daemon's internals (``Daemon.pool.launcher``, ``HttpConnection``): when they
+It reaches into the daemon's internals (``Daemon._launch``, ``HttpConnection``): when they
 change, this file may need the same change.
 """
 
@@ -38,7 +38,7 @@ sys.path.insert(0, _SRC)
 
 from lambda_rapid import config as config_module  # noqa: E402
 from lambda_rapid.daemon import Daemon  # noqa: E402
-from lambda_rapid.httpserver import HttpConnection  # noqa: E402
+from lambda_rapid.http.server import HttpConnection  # noqa: E402
 
 PAYLOAD = b'{"hello":"world"}'
 INVOKE = (b"POST /2015-03-31/functions/function/invocations HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -63,6 +63,23 @@ RESPONSE = (b"POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: 
             b"content-type: application/json\r\nUser-Agent: aws-lambda-python/3.11.7-4.2.2\r\n"
             b"content-length: %d\r\n\r\n%s")
 ID_HEADER = b"Lambda-Runtime-Aws-Request-Id: "
+
+
+class NoProcess:
+    """The instance's "process": the benchmark plays its runtime itself."""
+
+    pid = 0
+
+    def read_output(self) -> None:
+        pass
+
+    def peak_rss(self) -> int:
+        return 0
+
+
+class BenchDaemon(Daemon):
+    def _launch(self, instance):  # no process: we play the runtime ourselves
+        return NoProcess()
 
 
 class RecordingTransport(asyncio.Transport):
@@ -98,8 +115,7 @@ def build() -> tuple:
     env["AWS_LAMBDA_FUNCTION_NAME"] = "echo"
     config = config_module.load([sys.executable, "-m", "awslambdaric", "echo.handler"], env,
                                 cwd=str(ROOT / "examples" / "echo" / "echo-lambda"))
-    daemon = Daemon(config)
-    daemon.pool.launcher = lambda instance: None  # no process: we play the runtime ourselves
+    daemon = BenchDaemon(config)
     client, runtime = RecordingTransport(), RecordingTransport()
     invoke_conn = HttpConnection(daemon.invoke_http)
     invoke_conn.connection_made(client)

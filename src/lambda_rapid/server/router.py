@@ -1,15 +1,17 @@
 """The Lambda Server's Invoke API: each HTTP invoke becomes an AMQP-RPC request routed by function name.
 
-Per invoke it validates as the daemon's Invoke API does (name, qualifier, invocation type, payload,
-client context, sizes), registers the request id *before* publishing (so no reply can beat it),
-publishes to the default exchange with routing key = function name, ``mandatory`` set and
-``reply_to`` = RabbitMQ direct reply-to, and turns the reply back into the AWS response. A
-returned (unroutable) request means no daemon serves that name: 404 at once. ``Event`` is answered
-202 once the broker confirmed the request; ``DryRun`` 204 when the function's queue exists.
+Per invoke it validates with the Invoke contract (``invoke.contract``: name, qualifier, invocation
+type, payload, client context, sizes), registers the request id *before* publishing (so no reply
+can beat it), publishes to the default exchange with routing key = function name, ``mandatory`` set
+and ``reply_to`` = RabbitMQ direct reply-to, and turns the reply back into the AWS response. A
+returned (unroutable) request means no daemon serves that name: 404 at once. ``Event`` is published
+persistent and answered 202 once the broker confirmed it; ``DryRun`` 204 when the function's queue
+exists (any queue type: the passive declare and the mandatory publish do not care).
 
 Every wait is bounded: a reply that never comes ends in the fail-safe timeout body, a lost broker
 connection fails every waiting request at once with 502, and new requests get 503 until the link
-is back (``amqp_link.BrokerLink`` reconnects by itself). It runs no function and has no pool.
+is back (``amqp.link.BrokerLink`` reconnects by itself). It runs no function and has no pool, and
+knows the daemon only by the wire format (``docs/amqp.md``).
 """
 
 from __future__ import annotations
@@ -21,34 +23,26 @@ import logging
 import time
 from typing import Optional
 
-from aiormq.exceptions import PublishError
 from pamqp.commands import Basic
 
 from .. import errors
-from ..amqp_link import NO_DRAIN, BrokerLink, header_text
-from ..config import ACCOUNT_ID
+from ..amqp import aiormq_tuning
+from ..amqp.aiormq_tuning import NO_DRAIN
+from ..amqp.link import BrokerLink, header_text
 from ..histogram import Histogram
-from ..httpserver import Request, header
+from ..http.server import Request, header
 from ..invocation import new_request_id
-from ..invoke_api import (
-    InvalidInvoke,
-    UnknownFunction,
-    function_in_path,
-    invoke_body_limit,
-    parse_invoke,
-    request_id_for,
-)
+from ..invoke import contract
 from .config import ServerConfig
 
-log = logging.getLogger("lambda_rapid.server")
+log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-API_ERRORS = {e.code: e for e in (errors.INVALID_REQUEST_CONTENT, errors.INVALID_PARAMETER_VALUE,
-                                  errors.RESOURCE_NOT_FOUND, errors.REQUEST_TOO_LARGE, errors.TOO_MANY_REQUESTS,
-                                  errors.SERVICE)}
 _JSON = b"content-type: application/json\r\n"
 _TEXT = b"content-type: text/plain\r\n"
-_FUNCTION_ERROR = b"X-Amz-Function-Error: Unhandled\r\n"
+_FUNCTION_ERROR = header(contract.FUNCTION_ERROR, contract.UNHANDLED)
+# A daemon that sends no Retry-After with its 429 (older ones, the Go daemon): retry in a second.
+_RETRY_AFTER = contract.retry_after(0)
 OUTCOMES = ("success", "function_error", "event_accepted", "dry_run", "not_found", "timeout", "api_error",
             "rejected", "unavailable", "broker_lost")
 # A function that answered within this many seconds and is now unroutable has lost its queue for a
@@ -116,34 +110,34 @@ class Router:
         self.served[p.name] = now
         headers = props.headers or {}
         request = p.request
-        rid = header("x-amzn-RequestId", header_text(headers.get("x-amzn-RequestId")) or p.rid)
-        error_type = header_text(headers.get("x-amzn-ErrorType"))
+        rid = header(contract.REQUEST_ID, header_text(headers.get(contract.REQUEST_ID)) or p.rid)
+        error_type = header_text(headers.get(contract.ERROR_TYPE))
         if error_type:
-            api_error = API_ERRORS.get(error_type, errors.SERVICE)
+            api_error = errors.API_ERRORS.get(error_type, errors.SERVICE)
             self.metrics.outcomes["api_error"] += 1
-            extra = rid + header("x-amzn-ErrorType", api_error.code)
+            extra = rid + header(contract.ERROR_TYPE, api_error.code)
             if api_error.retry_after:
-                extra += b"Retry-After: 1\r\n"
+                extra += header(contract.RETRY_AFTER, header_text(headers.get(contract.RETRY_AFTER)) or _RETRY_AFTER)
             return request.respond_json(api_error.status, message.body, extra)
-        version = header_text(headers.get("X-Amz-Executed-Version")) or "$LATEST"
-        out = _JSON + rid + header("X-Amz-Executed-Version", version)
-        if headers.get("X-Amz-Function-Error") is not None:
+        version = header_text(headers.get(contract.EXECUTED_VERSION)) or "$LATEST"
+        out = _JSON + rid + header(contract.EXECUTED_VERSION, version)
+        if headers.get(contract.FUNCTION_ERROR) is not None:
             out += _FUNCTION_ERROR
             self.metrics.outcomes["function_error"] += 1
         else:
             self.metrics.outcomes["success"] += 1
-        tail = headers.get("X-Amz-Log-Result")
+        tail = headers.get(contract.LOG_RESULT)
         if tail is not None:
-            out += header("X-Amz-Log-Result", header_text(tail) or "")
+            out += header(contract.LOG_RESULT, header_text(tail) or "")
         request.respond(200, out, message.body)
 
     # ---- HttpServer application interface ----------------------------------------------------
     def body_limit(self, request: Request) -> int:
-        return invoke_body_limit(request)
+        return contract.body_limit(request.headers.get("x-amz-invocation-type"))
 
     def handle(self, request: Request) -> None:
         path = request.path
-        name = function_in_path(path)
+        name = contract.function_in_path(path)
         if name is not None:
             if request.method != "POST":
                 return _plain(request, 405, "Method Not Allowed", header("Allow", "POST"))
@@ -168,13 +162,15 @@ class Router:
 
     # ---- invoke ------------------------------------------------------------------------------
     def invoke(self, request: Request, raw_name: str) -> None:
-        rid = request_id_for(request.headers, self.pending.__contains__)
+        headers = request.headers
+        rid = contract.request_id(headers.get("amz-sdk-invocation-id"), self.pending.__contains__)
         try:
-            call = parse_invoke(request, raw_name, _routable)
-        except InvalidInvoke as e:
-            return self._api_error(request, rid, e.api_error, e.message)
-        except UnknownFunction as e:
-            return self._not_found(request, rid, e.name, e.qualifier)
+            # Whether the function is tenant-isolated is the daemon's to say: only the id's form is checked here.
+            call = contract.parse_http(headers, raw_name, request.query, request.body, request.too_large,
+                                       serves=_routable, region=self.config.region, tenant_isolated=None)
+        except contract.Refusal as refusal:
+            outcome = "not_found" if refusal.api_error is errors.RESOURCE_NOT_FOUND else "rejected"
+            return self._refuse(request, rid, refusal, outcome)
         name, qualifier, payload, invocation_type = call.name, call.qualifier, call.payload, call.invocation_type
         if not self.accepting or not self.link.is_up:
             return self._api_error(request, rid, errors.SERVICE,
@@ -191,17 +187,22 @@ class Router:
             amqp_headers["X-Amz-Log-Type"] = "Tail"
         if qualifier is not None:
             amqp_headers["X-Amz-Qualifier"] = qualifier
+        if call.tenant_id is not None:
+            amqp_headers[contract.TENANT_ID] = call.tenant_id
         event = invocation_type == "Event"
         if event:
             amqp_headers["X-Amz-Invocation-Type"] = "Event"
+        # An Event is answered 202 once confirmed, so it must survive a broker restart (persistent, in
+        # a durable queue; quorum queues keep every message). A RequestResponse caller is answered
+        # 502 when the broker goes away, and its reply-to dies with our channel: transient is enough.
         props = Basic.Properties(
-            content_type="application/json", correlation_id=rid, delivery_mode=1,
+            content_type="application/json", correlation_id=rid, delivery_mode=2 if event else 1,
             reply_to=None if event else DIRECT_REPLY_TO,
             timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             headers=amqp_headers or None)
         if not event:
             p = Pending(request, rid, name)
-            self.pending[rid] = p  # before publishing: a fast reply must find it (Go daemon bug 16)
+            self.pending[rid] = p  # before publishing: a reply may come before the publish confirm
             p.timer = self.loop.call_later(self.config.timeout, self._timed_out, p)
             request.on_abandon = lambda: self._abandon(p)
         self._spawn(self._publish(request, rid, name, qualifier, payload, props, event))
@@ -214,18 +215,19 @@ class Router:
                 raise ConnectionError("no broker connection")
             await underlay.basic_publish(payload, exchange="", routing_key=name, mandatory=True, properties=props,
                                          **NO_DRAIN)
-        except PublishError:
-            # Returned by the broker: no queue is bound to that name, so no daemon serves it.
-            log.info("%s: no queue for function %r", rid, name)
-            self._forget(rid)
-            seen = self.served.get(name)
-            if seen is not None and time.monotonic() - seen < RECENTLY_SERVED:
-                return self._api_error(request, rid, errors.SERVICE,
-                                       f"No daemon is consuming the queue of function {name} at the moment; "
-                                       "try again shortly.", "unavailable")
-            self.served.pop(name, None)
-            return self._not_found(request, rid, name, qualifier)
         except Exception as e:
+            if aiormq_tuning.is_returned(e):
+                # Returned by the broker: no queue is bound to that name, so no daemon serves it.
+                log.info("%s: no queue for function %r", rid, name)
+                self._forget(rid)
+                seen = self.served.get(name)
+                if seen is not None and time.monotonic() - seen < RECENTLY_SERVED:
+                    return self._api_error(request, rid, errors.SERVICE,
+                                           f"No daemon is consuming the queue of function {name} at the moment; "
+                                           "try again shortly.", "unavailable")
+                self.served.pop(name, None)
+                return self._refuse(request, rid, contract.not_found(self.config.region, name, qualifier),
+                                    "not_found")
             if request.answered:
                 return
             log.warning("%s: publish to %r failed: %s", rid, name, self.link.describe(e))
@@ -248,8 +250,9 @@ class Router:
             channel = await connection.channel(publisher_confirms=False)
             await channel.declare_queue(name, passive=True)
         except Exception as e:
-            if type(e).__name__ == "ChannelNotFoundEntity":
-                return self._not_found(request, rid, name, qualifier)
+            if aiormq_tuning.is_not_found(e):
+                return self._refuse(request, rid, contract.not_found(self.config.region, name, qualifier),
+                                    "not_found")
             log.warning("%s: DryRun check of %r failed: %s", rid, name, self.link.describe(e))
             return self._api_error(request, rid, errors.BAD_GATEWAY, "The message broker could not be asked.",
                                    "broker_lost")
@@ -269,7 +272,7 @@ class Router:
         del self.pending[p.rid]
         self.metrics.outcomes["timeout"] += 1
         log.info("%s: no reply within %.2f s", p.rid, self.config.timeout)
-        p.request.respond(200, _JSON + header("x-amzn-RequestId", p.rid) + _FUNCTION_ERROR,
+        p.request.respond(200, _JSON + header(contract.REQUEST_ID, p.rid) + _FUNCTION_ERROR,
                           errors.timeout_error(p.rid, self.config.timeout))
 
     def _abandon(self, p: Pending) -> None:
@@ -284,20 +287,16 @@ class Router:
         if p is not None and p.timer is not None:
             p.timer.cancel()
 
-    def _not_found(self, request: Request, rid: str, name: str, qualifier: Optional[str]) -> None:
-        arn = f"arn:aws:lambda:{self.config.region}:{ACCOUNT_ID}:function:{name}"
-        if qualifier is not None:
-            arn += f":{qualifier}"
-        self._api_error(request, rid, errors.RESOURCE_NOT_FOUND, errors.not_found_message(arn), "not_found")
+    def _refuse(self, request: Request, rid: str, refusal: contract.Refusal, outcome: str = "rejected") -> None:
+        self._api_error(request, rid, refusal.api_error, refusal.message, outcome)
 
     def _api_error(self, request: Request, rid: str, api_error: errors.ApiError, message: str,
                    outcome: str = "rejected") -> None:
+        """Answer with an API error of the lambda-server's own (never a 429: it throttles nothing)."""
         if request.answered:
             return
         self.metrics.outcomes[outcome] += 1
-        extra = header("x-amzn-RequestId", rid) + header("x-amzn-ErrorType", api_error.code)
-        if api_error.retry_after:
-            extra += b"Retry-After: 1\r\n"
+        extra = header(contract.REQUEST_ID, rid) + header(contract.ERROR_TYPE, api_error.code)
         request.respond_json(api_error.status, api_error.body(message), extra)
 
     def _spawn(self, coro) -> None:
@@ -342,9 +341,10 @@ def _get(request: Request, answer) -> None:
 
 def _plain(request: Request, status: int, message: str, extra: bytes = b"") -> None:
     request.respond_json(status, json.dumps({"message": message}).encode(),
-                         header("x-amzn-RequestId", new_request_id()) + extra)
+                         header(contract.REQUEST_ID, new_request_id()) + extra)
 
 
 def _routable(name: str, qualifier: Optional[str]) -> bool:
-    """Any name can be routed (the broker says whether a daemon serves it); AWS caps names at 255 bytes."""
+    """Any name can be routed (the broker says whether a daemon serves it) that fits a routing key,
+    an AMQP short string of at most 255 bytes."""
     return len(name.encode()) <= 255

@@ -1,0 +1,1 @@
+"""The broker link (aio-pika) and every use of aiormq/pamqp internals."""

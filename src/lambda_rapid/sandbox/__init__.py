@@ -1,0 +1,1 @@
+"""What runtimes and extensions talk to: Runtime API, Extensions API, Telemetry API, processes."""
