@@ -47,6 +47,8 @@ from array import array
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import aiormq.exceptions
+
 from run import (
     CLK_TCK,
     ECHO_DIR,
@@ -403,8 +405,12 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
                         drive(side.server_url, args.connections, max(1.0, args.warmup), args.load)  # warm-up
                         result = server_window(side.server_url, args.connections, args.seconds, pids, args.load)
                     else:
-                        result = loop.run_until_complete(amqp_window(
-                            uri, side.queue, int(workload.split("=")[1]), args.seconds, args.warmup, pids))
+                        try:
+                            result = loop.run_until_complete(amqp_window(
+                                uri, side.queue, int(workload.split("=")[1]), args.seconds, args.warmup, pids))
+                        except (OSError, aiormq.exceptions.AMQPError) as e:
+                            raise SystemExit(f"round {r + 1}: the AMQP client could not reach the broker ({e}); "
+                                             "was it restarted by someone else? Nothing to compare: run again") from e
                     side.check_alive()
                     result["instances"] = len(children_of(side.daemon.pid))  # type: ignore[union-attr]
                     emit({"bench": label(workload, args), "side": side.name, "round": r + 1, **result})
