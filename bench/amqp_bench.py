@@ -47,6 +47,8 @@ from array import array
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import aiormq.exceptions
+
 from run import (
     CLK_TCK,
     ECHO_DIR,
@@ -64,6 +66,7 @@ from run import (
 
 BIN = Path(sys.executable).parent
 PAYLOAD = '{"key": "value"}'
+RPC_TIMEOUT = 5.0  # seconds before an unanswered AMQP-RPC request counts as failed
 STALL = 0.25  # a window below this fraction of the same side's best window is reported as stalled
 
 
@@ -288,7 +291,14 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     async def worker() -> None:
         while loop.time() < stop_at:
             started = time.perf_counter()  # (uvloop's loop.time() ticks in whole milliseconds)
-            body = await client.call(queue, 30)
+            try:
+                body = await client.call(queue, RPC_TIMEOUT)
+            except asyncio.TimeoutError:  # a lost request or reply: an error, and the next one goes out
+                counted[1] += measuring[0]
+                continue
+            except Exception:  # the connection is gone (broker restart): this worker stops
+                counted[1] += 1
+                return
             if measuring[0]:
                 latencies.append(time.perf_counter() - started)
                 counted[0] += 1
@@ -306,7 +316,10 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
     cpu_client = time.process_time() - cpu_client
     per_process = usage.per(counted[0])
     await asyncio.gather(*tasks)
-    await client.close()
+    try:
+        await client.close()
+    except Exception:
+        pass
     return {"rate": round(counted[0] / elapsed, 1), "count": counted[0], "seconds": round(elapsed, 2),
             "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 2), "errors": counted[1], **per_process,
@@ -316,19 +329,39 @@ async def amqp_window(uri: str, queue: str, inflight: int, seconds: float, warmu
 def server_window(url: str, connections: int, seconds: float, pids: Dict[str, int], load: Load) -> dict:
     usage = Usage(pids)
     result = drive(url, connections, seconds, load)
-    return {"rate": round(result["rate"], 1), "count": result["requests"], "seconds": result["duration_us"] / 1e6,
+    answered = result["requests"] - result["status_errors"]  # a 502/503 is not an answered invocation
+    return {"rate": round(answered / (result["duration_us"] / 1e6), 1), "count": answered,
+            "seconds": result["duration_us"] / 1e6,
             "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "errors": result["errors"],
-            **usage.per(result["requests"]), "client_cpu_us_per_request": round(result["loadgen_cpu_us_per_inv"])}
+            **usage.per(max(answered, 1)), "client_cpu_us_per_request": round(result["loadgen_cpu_us_per_inv"])}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-async def open_sentinel(uri: str):
-    """An idle connection held for the whole run: closed at the end means the broker went away meanwhile
-    (a ``rabbitmqctl stop_app`` keeps the broker's pid)."""
-    import aio_pika
+class Sentinel:
+    """An idle connection held for the whole run: if the broker closes it, the broker went away meanwhile
+    (a ``rabbitmqctl stop_app`` keeps the broker's pid). aio-pika's ``is_closed`` does not say so; the
+    close callback does."""
 
-    return await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0")  # the loop idles between windows
+    def __init__(self) -> None:
+        self.lost = False
+        self.connection = None
+
+    async def open(self, uri: str) -> Sentinel:
+        import aio_pika
+
+        # heartbeat=0: the loop idles while wrk runs, and a missed heartbeat is not a broker restart
+        self.connection = await aio_pika.connect(uri + ("&" if "?" in uri else "?") + "heartbeat=0",
+                                                 client_properties={"connection_name": "amqp_bench sentinel"})
+        self.connection.close_callbacks.add(self._closed)
+        return self
+
+    def _closed(self, *_args: object) -> None:
+        self.lost = True
+
+    async def close(self) -> None:
+        self.connection.close_callbacks.discard(self._closed)
+        await self.connection.close()
 
 
 def broker_pid() -> Optional[int]:
@@ -355,7 +388,7 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             print(f"{side.name}: daemon pid {side.daemon.pid}, queue {side.queue}"  # type: ignore[union-attr]
                   + (f", lambda-server pid {side.server.pid}" if side.server else ""), file=sys.stderr, flush=True)
         ceiling.run(min(args.warmup, 1.0))  # the ceiling's runtimes warm up too
-        sentinel = loop.run_until_complete(open_sentinel(uri))
+        sentinel = loop.run_until_complete(Sentinel().open(uri))
         for r in range(args.rounds):
             measured: dict = {"workloads": {}}
             if r % 2 == 0:
@@ -372,8 +405,12 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
                         drive(side.server_url, args.connections, max(1.0, args.warmup), args.load)  # warm-up
                         result = server_window(side.server_url, args.connections, args.seconds, pids, args.load)
                     else:
-                        result = loop.run_until_complete(amqp_window(
-                            uri, side.queue, int(workload.split("=")[1]), args.seconds, args.warmup, pids))
+                        try:
+                            result = loop.run_until_complete(amqp_window(
+                                uri, side.queue, int(workload.split("=")[1]), args.seconds, args.warmup, pids))
+                        except (OSError, aiormq.exceptions.AMQPError) as e:
+                            raise SystemExit(f"round {r + 1}: the AMQP client could not reach the broker ({e}); "
+                                             "was it restarted by someone else? Nothing to compare: run again") from e
                     side.check_alive()
                     result["instances"] = len(children_of(side.daemon.pid))  # type: ignore[union-attr]
                     emit({"bench": label(workload, args), "side": side.name, "round": r + 1, **result})
@@ -384,7 +421,7 @@ def run_all(args: argparse.Namespace, sides: List[Side], workloads: List[str]) -
             rounds.append(measured)
         memory = {side.name: side.memory() for side in sides}
         loop.run_until_complete(asyncio.sleep(0.05))  # let a closed sentinel connection notice
-        broker_restarted = (broker is not None and broker_pid() != broker) or sentinel.is_closed
+        broker_restarted = (broker is not None and broker_pid() != broker) or sentinel.lost
         loop.run_until_complete(sentinel.close())
     finally:
         loop.close()
@@ -433,8 +470,9 @@ def summarise(run: dict, sides: List[Side], workloads: List[str]) -> dict:
         summary = {"sides": per_side}
         if len(sides) == 2:
             ours, peer = sides[0].name, sides[1].name
-            summary["x_peer"] = statistics.median(r["workloads"][workload][ours]["rate"]
-                                                  / max(r["workloads"][workload][peer]["rate"], 1e-9) for r in rounds)
+            paired = [r["workloads"][workload][ours]["rate"] / r["workloads"][workload][peer]["rate"]
+                      for r in rounds if r["workloads"][workload][peer]["rate"] > 0]
+            summary["x_peer"] = statistics.median(paired) if paired else None  # None: the peer answered nothing
         out["workloads"][workload] = summary
     return out
 
@@ -462,7 +500,8 @@ def report(summary: dict, memory: dict, sides: List[Side], workloads: List[str],
             ratios = [f"{a[k] / b[k]:>7.2f}" if b.get(k) else f"{'-':>7}" for k in
                       ("p50_ms", "p99_ms", "daemon_cpu_us_per_request", "server_cpu_us_per_request",
                        "broker_cpu_us_per_request")]
-            lines.append(f"{'':<20} {'ours÷' + sides[1].name:<9} {s['x_peer']:>8.2f} {'':>7} " + " ".join(ratios))
+            x = f"{s['x_peer']:>8.2f}" if s["x_peer"] is not None else f"{'-':>8}"
+            lines.append(f"{'':<20} {'ours÷' + sides[1].name:<9} {x} {'':>7} " + " ".join(ratios))
     c = summary["ceiling"]
     lines.append(f"ceiling ({args.max_concurrency} runtimes, no daemon): {c['rate']:,.0f} inv/s, p50 "
                  f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms")

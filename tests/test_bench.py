@@ -160,9 +160,16 @@ def test_amqp_bench_measures_both_paths_side_by_side(tmp_path):
                            "--peer-daemon", str(Path(PYTHON).parent / "lambda-runtime-api-daemon"),
                            "--peer-server", str(Path(PYTHON).parent / "lambda-server"), "--peer-label", "self",
                            "--output", str(output)], capture_output=True, text=True, timeout=120, env=bench_env())
+    if done.returncode != 0 and "was it restarted by someone else?" in done.stderr:
+        return  # the shared broker went away between windows (another session's fault test): said so, and stopped
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(output.read_text())
     assert set(results["workloads"]) == {"inflight=4", "server"}
+    if results["broker_restarted"]:
+        # The broker is shared: another session's fault test may restart it (rabbitmqctl stop_app) in the
+        # middle of the run. Then the figures mean nothing, and what the bench must do is say so.
+        assert "WARNING: the broker restarted" in done.stdout
+        return
     (round_,) = results["rounds"]
     assert round_["ceiling"]["invocations"] > 0
     for workload, summary in results["workloads"].items():
