@@ -4,33 +4,40 @@ Every daemon and every lambda-server runs in a network namespace of its own (a "
 veth link to the root namespace, where RabbitMQ listens on 127.0.0.1:5672 only. A host reaches the
 broker at the root end of its own link (10.200.X.4k+1, a /30 per host); one DNAT rule per link,
 tagged with this run's id, hands those connections to 127.0.0.1:5672 (``route_localnet`` on that
-link only). Hosts have no other route, and an ``unreachable`` route for the run's /24 in the root
-namespace keeps a cut link's traffic from ever leaving by the default route. The load generator
-runs in the root namespace and talks to the lambda-servers at their hosts' addresses. Nothing else
-is a target. The function is ``tests/functions/scale_handler.py``: sleeps 20 ms, answers with the
-host that ran it, and (for the churn cases) appends each run to a file.
+link only). Hosts have no other route, and an ``unreachable`` route for the run's /22 in the root
+namespace keeps anything addressed to a host whose link is gone from leaving by the default route.
+The load generators (wrk, or a Python client that records every request) run in the root namespace
+and talk to the lambda-servers at their hosts' addresses. Nothing else is a target. The function
+is ``tests/functions/scale_handler.py``: sleeps 20 ms, answers with the host that ran it, and (for
+the churn cases) appends each run to a file, which says what ran twice and what never ran.
 
-Sections (all by default, ~6 minutes on 2 cores):
+Sections (all by default, ~6 minutes on 2 cores; ``docs/scale-out.md`` has the figures):
 
-* ``scaling``: N = 1, 2, 4, 8 daemons (``MAX_CONCURRENCY=4`` each) behind 2 lambda-servers, wrk with
-  64 connections: throughput, p50/p99, each daemon's share, CPU per request of every process
-  (broker included), the machine's total, and what limits the curve.
-* ``churn``: while a Python client (16 connections, one request in four ``Event``) runs, daemons
-  leave (SIGTERM one, SIGKILL one), two join, one host's link goes down for 10 s; every request is
-  accounted for: answered, failed (by status), lost, run twice. With the recommended queue settings
-  and with the defaults.
+* ``scaling``: N = 1, 2, 4, 8 daemons (``MAX_CONCURRENCY=4`` each) behind 2 lambda-servers (and
+  N = 8 behind 1), wrk with 64 connections: throughput, p50/p99, each daemon's share, the ready
+  messages in the queue (what KEDA reads), CPU per request of every process (broker included),
+  the machine's total and the part that is not ours, and what limits each point.
+* ``churn``: while a Python client (16 connections, one request in four an ``Event``) runs,
+  daemons leave (SIGTERM one, SIGKILL one), two join, one host's link goes down for 10 s; then the
+  only daemon of a function is replaced; then a host vanishes for good. Every request is
+  accounted for: answered, failed (by status), reset, no answer, lost, run twice. Each with the
+  recommended settings (durable queue, quorum when the daemon supports ``AMQP_QUEUE_TYPE``, tried
+  at start-up; heartbeat 5 s) and with the defaults (auto-delete, heartbeat off).
 * ``functions``: 20 functions, each with its own daemon, behind one lambda-server; an unknown
-  function; a function scaled to zero (durable queue, and auto-delete).
+  function; a function scaled to zero (durable queue, auto-delete queue, and a caller that gives
+  up before a daemon comes).
 * ``servers``: two lambda-servers, either answers for any function; one is SIGKILLed mid-load.
 
 Usage (root: it creates network namespaces; RabbitMQ on 127.0.0.1:5672, guest/guest; wrk):
 
     .venv/bin/python bench/scale.py                       # everything, prints Markdown tables
     .venv/bin/python bench/scale.py --only scaling --rounds 1 --seconds 5
-    .venv/bin/python bench/scale.py --output /tmp/scale.json
+    .venv/bin/python bench/scale.py --only churn,servers --output /tmp/scale.json
 
-Everything it starts (processes, namespaces, DNAT rules, the guard route, durable queues) is
-removed when it ends, and leftovers of a run that was killed are removed by the next one.
+Everything it starts (processes, namespaces, DNAT rules, durable queues) is removed when it ends;
+the guard route too, once no socket in the root namespace still talks to that range. Leftovers of
+a run that was killed are removed by the next run. The whole run stops itself after
+``--max-minutes`` (15).
 """
 
 from __future__ import annotations
@@ -842,7 +849,7 @@ async def run_wrk(servers: list, function: str, connections: int, seconds: float
 # ---- section: scaling ----------------------------------------------------------------------------
 
 def cpu_snapshot(daemons: list, servers: list, broker: Broker) -> dict:
-    snap = {"broker": ticks(broker.pid), "machine": machine_ticks()}
+    snap = {"broker": ticks(broker.pid), "machine": machine_ticks(), "bench": ticks(os.getpid())}
     for node in servers:
         snap[f"server:{node.host.name}"] = ticks(node.pid)
     for node in daemons:
@@ -885,6 +892,10 @@ def name_limit(row: dict, connections: int) -> str:
     if hot[1] >= 90:
         return f"{hot[0]} at {hot[1]:.0f}% of a core (one event loop)"
     if cpu["machine_busy_pct"] >= 90 * cores:
+        ours = sum(cpu["group_pct"].values()) + cpu["wrk_pct"]
+        if cpu["others_pct"] > ours / 2:
+            return (f"other work on the shared machine ({cpu['machine_busy_pct']:.0f}% busy, of which "
+                    f"{cpu['others_pct']:.0f}% not ours)")
         parts = sorted(cpu["group_pct"].items(), key=lambda kv: -kv[1])
         share = ", ".join(f"{k} {v:.0f}%" for k, v in parts)
         return (f"the machine's {cores} cores ({cpu['machine_busy_pct']:.0f}% busy: {share}, "
@@ -892,6 +903,20 @@ def name_limit(row: dict, connections: int) -> str:
     if connections <= row["daemons"] * SLOTS:
         return f"the callers ({connections} in flight for {row['daemons'] * SLOTS} runtimes)"
     return f"the runtimes ({row['daemons'] * SLOTS} x {SLEEP_MS} ms sleeps)"
+
+
+async def sample_ready(broker: Broker, queue: str, load: asyncio.Future) -> float:
+    """The mean number of ready messages in the queue while ``load`` runs, sampled every 0.25 s:
+    what KEDA's RabbitMQ trigger reads over AMQP (a passive declare counts ready messages only;
+    those a daemon holds unacked, up to its prefetch, are not in it)."""
+    samples = []
+    await asyncio.sleep(0.5)
+    while not load.done():
+        state = await broker.probe(queue)
+        if state is not None:
+            samples.append(state[0])
+        await asyncio.sleep(0.25)
+    return round(statistics.mean(samples), 1) if samples else 0.0
 
 
 async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSettings) -> dict:
@@ -922,7 +947,9 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                     counts = [await node.successes() for node in daemons]
                     snap = cpu_snapshot(daemons, servers[:server_count], broker)
                     t0 = time.monotonic()
-                    wrk = await run_wrk(targets, function, args.connections, args.seconds)
+                    load = asyncio.ensure_future(run_wrk(targets, function, args.connections, args.seconds))
+                    ready = await sample_ready(broker, function, load)
+                    wrk = await load
                     elapsed = time.monotonic() - t0
                     snap2 = cpu_snapshot(daemons, servers[:server_count], broker)
                     counts = [await node.successes() - c for node, c in zip(daemons, counts)]
@@ -932,7 +959,8 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                     total = max(1, sum(counts))
                     shares = {node.host.name: round(c / total, 4) for node, c in zip(daemons, counts)}
                     spread = max(abs(s * n - 1) for s in shares.values())
-                    rounds.append({"daemons": n, "servers": server_count, "rps": round(wrk["requests"] / elapsed, 1),
+                    rounds.append({"daemons": n, "servers": server_count, "queue_ready": ready,
+                                   "rps": round(wrk["requests"] / elapsed, 1),
                                    "p50_ms": wrk["p50_ms"], "p99_ms": wrk["p99_ms"],
                                    "errors": wrk["non2xx"] + wrk["socket_errors"], "shares": shares,
                                    "fairness_max_dev": round(spread, 3), "cpu": cpu, "seconds": round(elapsed, 2)})
@@ -1129,7 +1157,37 @@ async def scaled_to_zero(fleet: Fleet, broker: Broker, server: Node, settings: Q
                 entry[who] = {"status": status, "error_type": headers.get("x-amzn-errortype"),
                               "ms": round(1000 * (time.monotonic() - t), 1)}
         out[label] = entry
+    out["durable, caller gave up"] = await gave_up(fleet, broker, server, settings, run)
     return out
+
+
+async def gave_up(fleet: Fleet, broker: Broker, server: Node, settings: QueueSettings, run: str) -> dict:
+    """Durable queue, no daemon, a lambda-server whose timeout (2 s) ends the wait: the caller gets
+    the timeout answer, but the request stays in the queue. Does it run when a daemon comes?"""
+    name = broker.track(f"zero-gaveup-{run}")
+    runs_file = fleet.logs / f"{name}.runs"
+    node = fleet.daemon("zg", name, settings, slots=1, runs_file=runs_file)
+    await node.ready()
+    await broker.wait_consumers(name, 1)
+    node.signal(signal.SIGTERM)
+    await node.wait_exit(15)
+    impatient = fleet.server(server.host.name, settings, port=PORT + 2, timeout=2.0)
+    await impatient.ready()
+    request = f"gave-up-{run}"
+    t = time.monotonic()
+    status, headers, body = await http(impatient.host.addr, impatient.port, "POST", invoke_path(name),
+                                       json.dumps({"id": request}).encode(), timeout=30)
+    entry: dict = {"status": status, "function_error": headers.get("x-amz-function-error"),
+                   "error_type": (json.loads(body).get("errorType") if body.startswith(b"{") else None),
+                   "answered_after_s": round(time.monotonic() - t, 2), "queue_after_answer": await broker.probe(name)}
+    started = time.monotonic()
+    fleet.daemon("zg", name, settings, slots=1, runs_file=runs_file)
+    while time.monotonic() - started < 20 and request not in read_runs(runs_file):
+        await asyncio.sleep(0.1)
+    ran = read_runs(runs_file).get(request, 0)
+    entry.update(ran_after_the_caller_was_answered=ran, ran_s_after_daemon_start=(
+        round(time.monotonic() - started, 2) if ran else None))
+    return entry
 
 
 # ---- section: two lambda-servers -----------------------------------------------------------------
@@ -1190,13 +1248,15 @@ def markdown(results: dict) -> str:
     if sc:
         out += [f"Scaling ({sc['settings']}, wrk {sc['connections']} connections; broker idle "
                 f"{sc['broker_idle_pct']}% of a core before the load)", "",
-                "| daemons | lambda-servers | req/s | ideal | p50 ms | p99 ms | max share dev | broker us/req | "
-                "server us/req | daemon us/req | runtimes us/req | wrk us/req | machine busy | others | limit |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| daemons | lambda-servers | req/s | ideal | p50 ms | p99 ms | max share dev | ready in queue | "
+                "broker us/req | server us/req | daemon us/req | runtimes us/req | wrk us/req | machine busy | "
+                "others | limit |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sc["rows"]:
             us = r["cpu"]["group_us_per_request"]
             out.append(f"| {r['daemons']} | {r['servers']} | {r['rps']:,.0f} | {r['ideal_rps']:,} | "
-                       f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['fairness_max_dev']:.1%} | {us.get('broker', 0)} | "
+                       f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['fairness_max_dev']:.1%} | {r['queue_ready']} | "
+                       f"{us.get('broker', 0)} | "
                        f"{us.get('server', 0)} | {us.get('daemon', 0)} | {us.get('runtimes', 0)} | "
                        f"{us.get('wrk', 0)} | "
                        f"{r['cpu']['machine_busy_pct']:.0f}% | {r['cpu']['others_pct']:.0f}% | {r['limit']} |")
