@@ -968,6 +968,10 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                 row = dict(row, rounds_rps=[r["rps"] for r in rounds], ideal_rps=round(
                     min(n * SLOTS, args.connections) * 1000 / SLEEP_MS))
                 row["limit"] = name_limit(row, args.connections)
+                ours = sum(row["cpu"]["group_us_per_request"].values())
+                # What these processes alone would reach on this machine's cores, at their measured cost.
+                row["ours_us_per_request"] = ours
+                row["cpu_ceiling_rps"] = round((os.cpu_count() or 1) * 1e6 / max(1, ours))
                 log(f"N={n} servers={server_count}: {row['rps']} req/s (rounds {row['rounds_rps']}), "
                     f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, fairness {row['fairness_max_dev']:.1%}; "
                     f"limit: {row['limit']}")
@@ -1249,16 +1253,16 @@ def markdown(results: dict) -> str:
         out += [f"Scaling ({sc['settings']}, wrk {sc['connections']} connections; broker idle "
                 f"{sc['broker_idle_pct']}% of a core before the load)", "",
                 "| daemons | lambda-servers | req/s | ideal | p50 ms | p99 ms | max share dev | ready in queue | "
-                "broker us/req | server us/req | daemon us/req | runtimes us/req | wrk us/req | machine busy | "
-                "others | limit |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "broker us/req | server us/req | daemon us/req | runtimes us/req | wrk us/req | all ours us/req | "
+                "CPU ceiling req/s | machine busy | others | limit |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sc["rows"]:
             us = r["cpu"]["group_us_per_request"]
             out.append(f"| {r['daemons']} | {r['servers']} | {r['rps']:,.0f} | {r['ideal_rps']:,} | "
                        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['fairness_max_dev']:.1%} | {r['queue_ready']} | "
                        f"{us.get('broker', 0)} | "
                        f"{us.get('server', 0)} | {us.get('daemon', 0)} | {us.get('runtimes', 0)} | "
-                       f"{us.get('wrk', 0)} | "
+                       f"{us.get('wrk', 0)} | {r['ours_us_per_request']} | {r['cpu_ceiling_rps']:,} | "
                        f"{r['cpu']['machine_busy_pct']:.0f}% | {r['cpu']['others_pct']:.0f}% | {r['limit']} |")
         out.append("")
     for key in ("churn-recommended", "churn-defaults", "restart-recommended", "restart-defaults",
