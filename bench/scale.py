@@ -943,7 +943,10 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                 targets = [(node.host.addr, node.port) for node in servers[:server_count]]
                 await run_wrk(targets, function, args.connections, args.warmup)
                 rounds = []
-                for _ in range(args.rounds):
+                attempts = 0
+                while len(rounds) < args.rounds and attempts < args.rounds + 4:
+                    attempts += 1
+                    starts = broker_starts()
                     counts = [await node.successes() for node in daemons]
                     snap = cpu_snapshot(daemons, servers[:server_count], broker)
                     t0 = time.monotonic()
@@ -953,6 +956,16 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                     elapsed = time.monotonic() - t0
                     snap2 = cpu_snapshot(daemons, servers[:server_count], broker)
                     counts = [await node.successes() - c for node, c in zip(daemons, counts)]
+                    if broker_starts() != starts or wrk["non2xx"] + wrk["socket_errors"] > 0:
+                        # Someone restarted the shared broker meanwhile (or errors for another reason):
+                        # this window says nothing about scaling; wait for the broker and measure again.
+                        log(f"N={n}: window disturbed ({wrk['non2xx']} non-2xx, {wrk['socket_errors']} socket "
+                            "errors, broker restarts counted); measuring it again")
+                        result["disturbed_windows"] = result.get("disturbed_windows", 0) + 1
+                        await broker.wait_consumers(function, n, 60)
+                        for node in servers:
+                            await node.ready(60)
+                        continue
                     cpu = cpu_delta(snap, snap2, elapsed, wrk["requests"])
                     cpu["wrk_pct"] = round(100 * wrk["cpu_s"] / elapsed, 1)
                     cpu["group_us_per_request"]["wrk"] = round(1e6 * wrk["cpu_s"] / max(1, wrk["requests"]))
@@ -964,6 +977,8 @@ async def scaling(net: Net, broker: Broker, logs: Path, args, settings: QueueSet
                                    "p50_ms": wrk["p50_ms"], "p99_ms": wrk["p99_ms"],
                                    "errors": wrk["non2xx"] + wrk["socket_errors"], "shares": shares,
                                    "fairness_max_dev": round(spread, 3), "cpu": cpu, "seconds": round(elapsed, 2)})
+                if not rounds:
+                    raise RuntimeError(f"N={n}: every window was disturbed (the shared broker restarting?)")
                 row = min(rounds, key=lambda r: abs(r["rps"] - statistics.median(x["rps"] for x in rounds)))
                 row = dict(row, rounds_rps=[r["rps"] for r in rounds], ideal_rps=round(
                     min(n * SLOTS, args.connections) * 1000 / SLEEP_MS))
@@ -1251,7 +1266,8 @@ def markdown(results: dict) -> str:
     sc = results.get("scaling")
     if sc:
         out += [f"Scaling ({sc['settings']}, wrk {sc['connections']} connections; broker idle "
-                f"{sc['broker_idle_pct']}% of a core before the load)", "",
+                f"{sc['broker_idle_pct']}% of a core before the load; {sc.get('disturbed_windows', 0)} windows "
+                f"measured again after a broker restart; {sc['uptime'][0]})", "",
                 "| daemons | lambda-servers | req/s | ideal | p50 ms | p99 ms | max share dev | ready in queue | "
                 "broker us/req | server us/req | daemon us/req | runtimes us/req | wrk us/req | all ours us/req | "
                 "CPU ceiling req/s | machine busy | others | limit |",
@@ -1274,7 +1290,9 @@ def markdown(results: dict) -> str:
                     f"({a['events_confirmed']} Events confirmed), failed {a['failed']}, reset {a['reset']}, "
                     f"no answer {a['no_answer']}, **lost {a['lost']}**, ran twice {a['ran_twice']} "
                     f"{a['ran_twice_by_answer']}, slowest answer {a['max_latency_s']} s; answered by "
-                    f"{ch['answered_by']}", ""]
+                    f"{ch['answered_by']}"
+                    + ("; **the shared broker restarted during it**" if ch.get("broker_restarted_meanwhile") else ""),
+                    ""]
     return "\n".join(out)
 
 
@@ -1313,11 +1331,15 @@ async def main_async(args) -> dict:
         if "servers" in sections:
             plan.append(("servers", lambda: two_servers(net, broker, logs, settings)))
         for key, run in plan:
-            starts = broker_starts()
-            results[key] = await run()
-            if broker_starts() != starts:
+            for attempt in range(1 + args.retries):
+                starts = broker_starts()
+                results[key] = await run()
+                if broker_starts() == starts:
+                    break
                 results[key]["broker_restarted_meanwhile"] = True
-                log(f"{key}: the shared broker was restarted (by someone else) during this section")
+                log(f"{key}: the shared broker was restarted (by someone else) during this section"
+                    + ("; running it again" if attempt < args.retries else ""))
+            results[key]["attempts"] = attempt + 1
         results["uptime_end"] = uptime()
         return results
     finally:
@@ -1337,6 +1359,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="windows per point (the median is reported)")
     parser.add_argument("--churn-seconds", type=float, default=30.0)
     parser.add_argument("--skip-defaults", action="store_true", help="churn with the recommended settings only")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="run a section again when the shared broker restarted during it (default 2)")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="stop (and clean up) after this long")
     parser.add_argument("--output", help="write every figure as JSON to this file")
     args = parser.parse_args()
