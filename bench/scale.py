@@ -1372,7 +1372,10 @@ def main() -> int:
     async def bounded() -> dict:
         return await asyncio.wait_for(main_async(args), args.max_minutes * 60)
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def stop(_signum, _frame) -> None:
+        raise KeyboardInterrupt  # asyncio.run then cancels the run, and every section cleans up
+
+    signal.signal(signal.SIGTERM, stop)
     results = asyncio.run(bounded())
     text = json.dumps(results, indent=1, default=str)
     if args.output:
