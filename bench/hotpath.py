@@ -18,7 +18,7 @@ on top. Use it to compare hot-path changes quickly and repeatably, even on a bus
 ``--src DIR`` imports ``lambda_rapid`` from DIR instead of ``src/`` (e.g. a copy with one file
 taken from ``git show HEAD:...``), to compare two versions of the hot path.
 
-It reaches into the daemon's internals (``Daemon.pool.launcher``, ``HttpConnection``): when they
+It reaches into the daemon's internals (``Daemon._launch``, ``HttpConnection``): when they
 change, this file may need the same change.
 """
 
@@ -65,6 +65,23 @@ RESPONSE = (b"POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: 
 ID_HEADER = b"Lambda-Runtime-Aws-Request-Id: "
 
 
+class NoProcess:
+    """The instance's "process": the benchmark plays its runtime itself."""
+
+    pid = 0
+
+    def read_output(self) -> None:
+        pass
+
+    def peak_rss(self) -> int:
+        return 0
+
+
+class BenchDaemon(Daemon):
+    def _launch(self, instance):  # no process: we play the runtime ourselves
+        return NoProcess()
+
+
 class RecordingTransport(asyncio.Transport):
     """Keeps the last bytes written; everything else is a no-op."""
 
@@ -98,8 +115,7 @@ def build() -> tuple:
     env["AWS_LAMBDA_FUNCTION_NAME"] = "echo"
     config = config_module.load([sys.executable, "-m", "awslambdaric", "echo.handler"], env,
                                 cwd=str(ROOT / "examples" / "echo" / "echo-lambda"))
-    daemon = Daemon(config)
-    daemon.pool.launcher = lambda instance: None  # no process: we play the runtime ourselves
+    daemon = BenchDaemon(config)
     client, runtime = RecordingTransport(), RecordingTransport()
     invoke_conn = HttpConnection(daemon.invoke_http)
     invoke_conn.connection_made(client)

@@ -1,22 +1,25 @@
-"""HTTP benchmark of the daemon against the ceiling of the same machine, in the same run.
+"""HTTP benchmark of the daemon against the ceiling of the same machine and, optionally, a peer daemon.
 
     .venv/bin/python bench/run.py            # full: 3 rounds of 10 s per configuration (~5 min)
     .venv/bin/python bench/run.py --quick    # a smoke run: 1 round of 2 s per configuration
+    .venv/bin/python bench/run.py --peer-daemon /path/to/go/lambda-runtime-api-daemon --peer-label go
 
 For each configuration (MAX_CONCURRENCY, connections) in (1, 1), (2, 4), (4, 16) it starts the
 daemon with the awslambdaric echo handler (examples/echo/echo-lambda) on free ports, warms every
 instance up, then alternates measurement windows of
 
 * the ceiling (bench/ceiling.py): the same number of awslambdaric processes against a minimal
-  Runtime API that answers /next at once with a canned event (no client, no daemon), and
+  Runtime API that answers /next at once with a canned event (no client, no daemon),
 * the daemon, driven over keep-alive connections by ``wrk`` with bench/post.lua (or, when wrk is
-  not installed, by bench/loadgen.py),
+  not installed, by bench/loadgen.py), and
+* with ``--peer-daemon PATH``, another daemon run the same way (``PATH python -m awslambdaric
+  echo.handler`` with the same PORT, RUNTIME_API_PORT and MAX_CONCURRENCY), e.g. the Go daemon,
 
-and reports the medians: invocations/s, p50/p99 latency, the fraction of the ceiling (paired by
-round), the daemon's own CPU time per invocation (/proc/<pid>/stat), its RSS after the load
-(/proc/<pid>/status), and the ratio to the Go daemon's published figures. It also measures cold
-start: daemon launch to the first successful invoke, polled from the moment of launch.
-Results go to bench/results/<time>.json. See bench/README.md for how to read them.
+and reports the medians: invocations/s, p50/p99 latency, the fraction of the ceiling and ours
+divided by the peer (both paired by round), each daemon's own CPU time per invocation
+(/proc/<pid>/stat), its RSS after the load (/proc/<pid>/status). It also measures cold start:
+daemon launch to the first successful invoke, polled from the moment of launch (ours and the peer
+alternately). Results go to bench/results/<time>.json. See bench/README.md for how to read them.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -50,19 +54,13 @@ INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ((1, 1), (2, 4), (4, 16))
 
-# The Go daemon on the reference 2-core machine (issue 2): inv/s ranges, and the fraction of that
-# machine's ceiling they were (ceiling 2,100-2,850 / 5,900-6,900 / 8,000-9,400 inv/s).
-GO_RATE = {(1, 1): (2000.0, 2900.0), (2, 4): (3700.0, 4500.0), (4, 16): (4100.0, 4100.0)}
-GO_OF_CEILING = {(1, 1): 0.85, (2, 4): 4100 / 6400, (4, 16): 4100 / 8700}
-GO_P99_MS = (0.7, 1.0)  # at (1, 1)
-GO_COLD_S = 0.07
-GO_RSS_MB = 13.0
-# Targets (issue 2): >= 0.95 of the ceiling at (1,1); >= 1.25x the Go figures at (2,4) and (4,16)
-# (taken against the top of Go's range); p99 no worse than Go's; cold start <= 0.15 s; RSS <= 25 MB.
+# Targets (issue 10), against the peer measured in the same run (--peer-daemon): >= 1.10x its rate
+# at every configuration with a p99 no worse; cold start <= 0.07 s (the Go daemon's on this machine
+# kind); RSS <= 14 MB for the HTTP-only daemon after load. And (issue 2) >= 0.95 of the ceiling at (1,1).
+TARGET_X_PEER = 1.10
+TARGET_COLD_S = 0.07
+TARGET_RSS_MB = 14.0
 TARGET_OF_CEILING_1 = 0.95
-TARGET_X_GO = 1.25
-TARGET_COLD_S = 0.15
-TARGET_RSS_MB = 25.0
 
 
 # ---- /proc helpers ----------------------------------------------------------------------------
@@ -134,18 +132,24 @@ def daemon_env(port: int, runtime_port: int, max_concurrency: int) -> dict:
 
 
 class Daemon:
-    """The daemon under test, as a user runs it: ``lambda-runtime-api-daemon python -m awslambdaric echo.handler``."""
+    """A daemon under test, as a user runs it: ``<command> python -m awslambdaric echo.handler``.
 
-    def __init__(self, max_concurrency: int, logs: Path) -> None:
+    ``command`` is ours (DAEMON_COMMAND) or the peer's (--peer-daemon). Nothing here relies on
+    routes only ours has: readiness is a real invoke, instances are the daemon's child processes,
+    and /metrics is read only when the daemon answers it."""
+
+    def __init__(self, command: List[str], max_concurrency: int, logs: Path, side: str = "ours") -> None:
+        self.side = side
         self.port = free_port()
         runtime_port = free_port()
         self.logs = logs
-        self.out = open(logs / f"daemon-{max_concurrency}-{self.port}.out", "wb")  # noqa: SIM115 (closed in stop)
-        self.err_path = logs / f"daemon-{max_concurrency}-{self.port}.err"
+        name = f"{side}-{max_concurrency}-{self.port}"
+        self.out = open(logs / f"{name}.out", "wb")  # noqa: SIM115 (closed in stop)
+        self.err_path = logs / f"{name}.err"
         self.err = open(self.err_path, "wb")  # noqa: SIM115
         self.launched = time.perf_counter()
         self.proc = subprocess.Popen(
-            [*DAEMON_COMMAND, PYTHON, "-m", "awslambdaric", "echo.handler"],
+            [*command, PYTHON, "-m", "awslambdaric", "echo.handler"],
             cwd=str(ECHO_DIR), env=daemon_env(self.port, runtime_port, max_concurrency),
             stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, start_new_session=True)
         self.pid = self.proc.pid
@@ -163,30 +167,37 @@ class Daemon:
         finally:
             conn.close()
 
-    def wait_healthy(self, timeout: float = 20.0) -> None:
+    def wait_serving(self, payload: str, timeout: float = 20.0) -> None:
+        """Poll with real invokes until one echoes the payload (a daemon that starts its runtimes
+        lazily, like the Go one, starts the first here)."""
         deadline = time.monotonic() + timeout
+        answer = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"the daemon exited with {self.proc.returncode}:\n{self.stderr_tail()}")
+                raise SystemExit(f"the {self.side} daemon exited with {self.proc.returncode}:\n{self.stderr_tail()}")
             try:
-                if self.request("GET", "/_/health", timeout=1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
+                answer = self.request("POST", INVOKE_PATH, payload.encode(), timeout=5.0)
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)
+                continue
+            if answer[0] == 200 and json.loads(answer[1]) == json.loads(payload):
+                return
             time.sleep(0.01)
-        raise SystemExit(f"the daemon did not come up within {timeout} s:\n{self.stderr_tail()}")
+        raise SystemExit(f"the {self.side} daemon did not echo the payload within {timeout} s (last answer "
+                         f"{answer!r:.200}):\n{self.stderr_tail()}")
 
-    def metrics(self) -> dict:
-        """The /metrics samples we need: {'success': n, 'idle': n, ...}."""
-        text = self.request("GET", "/metrics")[1].decode()
-        out = {}
-        for match in re.finditer(r'^lambda_(invocations_total|instances)\{\w+="(\w+)"\} (\d+)$', text, re.M):
-            out[match.group(2)] = int(match.group(3))
-        return out
+    def success_count(self) -> Optional[int]:
+        """Successful invocations counted by the daemon itself (/metrics), or None if it has no such route."""
+        try:
+            status, body = self.request("GET", "/metrics")
+        except (OSError, http.client.HTTPException):
+            return None
+        match = re.search(rb'^lambda_invocations_total\{outcome="success"\} (\d+)$', body, re.M)
+        return int(match.group(1)) if status == 200 and match else None
 
     def instances(self) -> int:
-        m = self.metrics()
-        return m.get("idle", 0) + m.get("busy", 0)
+        """Runtime processes running (the daemon's children)."""
+        return len(children_of(self.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -243,17 +254,28 @@ class Ceiling:
 
 
 # ---- load -------------------------------------------------------------------------------------
-def drive(url: str, connections: int, seconds: int, args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Load:
+    """How to drive an Invoke API: ``wrk`` with bench/post.lua, or bench/loadgen.py."""
+
+    kind: str  # "wrk" or "python"
+    payload: str
+    wrk_path: Optional[str] = None
+    wrk_threads: int = 1
+    timeout: float = 10.0  # wrk counts a request unanswered this long as a timeout (an error) and reconnects
+
+
+def drive(url: str, connections: int, seconds: float, load: Load) -> dict:
     """Run the load generator once; its BENCH_RESULT plus rate and its own CPU per request."""
-    if args.loadgen == "wrk":
-        threads = max(1, min(args.wrk_threads, connections))
-        command = [args.wrk_path, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-                   "--timeout", "10s", "-s", str(BENCH / "post.lua"), url]
+    if load.kind == "wrk":
+        threads = max(1, min(load.wrk_threads, connections))  # wrk refuses more threads than connections
+        command = [str(load.wrk_path), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+                   "--timeout", f"{load.timeout:g}s", "-s", str(BENCH / "post.lua"), url]
     else:
         command = [PYTHON, str(BENCH / "loadgen.py"), "--url", url, "--connections", str(connections),
-                   "--seconds", str(seconds), "--payload", args.payload]
+                   "--seconds", str(seconds), "--payload", load.payload]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, env={**os.environ, "BENCH_PAYLOAD": args.payload}, capture_output=True,
+    done = subprocess.run(command, env={**os.environ, "BENCH_PAYLOAD": load.payload}, capture_output=True,
                           text=True, timeout=seconds + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
@@ -263,6 +285,8 @@ def drive(url: str, connections: int, seconds: int, args: argparse.Namespace) ->
     result["rate"] = result["requests"] / (result["duration_us"] / 1e6)
     result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
                                                "timeouts"))
+    result["p50_ms"] = result["p50_us"] / 1000
+    result["p99_ms"] = result["p99_us"] / 1000
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     result["loadgen_cpu_us_per_inv"] = cpu * 1e6 / max(result["requests"], 1)
     return result
@@ -270,11 +294,11 @@ def drive(url: str, connections: int, seconds: int, args: argparse.Namespace) ->
 
 def measure_daemon(daemon: Daemon, connections: int, args: argparse.Namespace) -> dict:
     runtimes = children_of(daemon.pid)
-    success_before = daemon.metrics().get("success", 0)
+    success_before = daemon.success_count()
     user0, sys0 = cpu_split(daemon.pid)
     runtime_cpu = sum(cpu_ticks(p) for p in runtimes)
     busy0, total0 = machine_ticks()
-    result = drive(daemon.url, connections, args.duration, args)
+    result = drive(daemon.url, connections, args.duration, args.load)
     busy1, total1 = machine_ticks()
     user1, sys1 = cpu_split(daemon.pid)
     runtime_cpu = sum(cpu_ticks(p) for p in runtimes) - runtime_cpu
@@ -284,25 +308,19 @@ def measure_daemon(daemon: Daemon, connections: int, args: argparse.Namespace) -
     result["daemon_sys_us_per_inv"] = (sys1 - sys0) / CLK_TCK * 1e6 / n
     result["runtime_cpu_us_per_inv"] = runtime_cpu / CLK_TCK * 1e6 / n
     result["machine_busy"] = (busy1 - busy0) / max(total1 - total0, 1)
-    result["daemon_counted"] = daemon.metrics().get("success", 0) - success_before
-    result["p50_ms"] = result["p50_us"] / 1000
-    result["p99_ms"] = result["p99_us"] / 1000
+    success_after = daemon.success_count()
+    result["daemon_counted"] = (success_after - success_before
+                                if success_before is not None and success_after is not None else None)
     return result
 
 
 def warm_up(daemon: Daemon, max_concurrency: int, connections: int, args: argparse.Namespace) -> int:
     """Drive load until every instance the configuration allows is running (or give up after 3 tries)."""
     for _ in range(3):
-        drive(daemon.url, connections, args.warmup, args)
+        drive(daemon.url, connections, args.warmup, args.load)
         if daemon.instances() >= max_concurrency:
             break
     return daemon.instances()
-
-
-def check_echo(daemon: Daemon, payload: str) -> None:
-    status, body = daemon.request("POST", INVOKE_PATH, payload.encode())
-    if status != 200 or json.loads(body) != json.loads(payload):
-        raise SystemExit(f"the echo function answered {status} {body[:200]!r}, not the payload")
 
 
 # ---- cold start -------------------------------------------------------------------------------
@@ -335,86 +353,125 @@ def first_response(daemon: Daemon, request: bytes, deadline: float) -> Tuple[flo
         if data.startswith(b"HTTP/1.1 200"):
             return listening, time.perf_counter() - origin
         time.sleep(0.001)
-    raise SystemExit(f"cold start: no successful invoke within the time limit (daemon status "
-                     f"{daemon.proc.poll()}):\n{daemon.stderr_tail()}")
+    raise SystemExit(f"cold start: no successful invoke from the {daemon.side} daemon within the time limit "
+                     f"(status {daemon.proc.poll()}):\n{daemon.stderr_tail()}")
 
 
-def measure_cold(runs: int, payload: str, logs: Path) -> List[dict]:
+def measure_cold(runs: int, payload: str, logs: Path, commands: Dict[str, List[str]]) -> Dict[str, List[dict]]:
+    """``runs`` cold starts of each daemon in ``commands`` ({side: command}), alternating which goes first."""
     body = payload.encode()
-    results = []
-    for _ in range(runs):
-        daemon = Daemon(1, logs)  # timed from daemon.launched, taken just before it is spawned
-        request = (f"POST {INVOKE_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-        try:
-            listen_s, response_s = first_response(daemon, request, time.perf_counter() + 30)
-            results.append({"listening_s": listen_s, "first_response_s": response_s,
-                            "rss_kb": memory_kb(daemon.pid)["VmRSS"]})
-        finally:
-            daemon.stop()
+    results: Dict[str, List[dict]] = {side: [] for side in commands}
+    sides = list(commands)
+    for i in range(runs):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
+            daemon = Daemon(commands[side], 1, logs, side)  # timed from daemon.launched, taken just before the spawn
+            request = (f"POST {INVOKE_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                       ).encode() + body
+            try:
+                listen_s, response_s = first_response(daemon, request, time.perf_counter() + 30)
+                results[side].append({"listening_s": listen_s, "first_response_s": response_s,
+                                      "rss_kb": memory_kb(daemon.pid)["VmRSS"]})
+            finally:
+                daemon.stop()
     return results
 
 
+def cold_summary(runs: List[dict]) -> dict:
+    return {
+        "runs": runs,
+        "first_response_s": statistics.median(r["first_response_s"] for r in runs) if runs else None,
+        "listening_s": statistics.median(r["listening_s"] for r in runs) if runs else None,
+        "min_s": min((r["first_response_s"] for r in runs), default=None),
+        "max_s": max((r["first_response_s"] for r in runs), default=None),
+    }
+
+
 # ---- one configuration ------------------------------------------------------------------------
+DAEMON_KEYS = ("rate", "p50_ms", "p99_ms", "of_ceiling", "daemon_cpu_us_per_inv", "daemon_user_us_per_inv",
+               "daemon_sys_us_per_inv", "runtime_cpu_us_per_inv", "loadgen_cpu_us_per_inv", "machine_busy")
+
+
 def bench_config(max_concurrency: int, connections: int, args: argparse.Namespace, logs: Path) -> dict:
-    print(f"  ({max_concurrency},{connections}): starting the ceiling and the daemon ...", flush=True)
+    """Ceiling, our daemon and (with --peer-daemon) the peer, in alternating rounds on one configuration.
+
+    The rounds' order rotates (ceiling, ours, peer; ours, peer, ceiling; ...) so that a drifting
+    machine favours none; whoever is not measured is parked (runtimes blocked in /next)."""
+    print(f"  ({max_concurrency},{connections}): starting the ceiling and the daemon(s) ...", flush=True)
     ceiling = Ceiling(max_concurrency, args.payload)
-    daemon = Daemon(max_concurrency, logs)
+    daemons = {"ours": Daemon(DAEMON_COMMAND, max_concurrency, logs, "ours")}
+    if args.peer_daemon:
+        daemons["peer"] = Daemon([str(args.peer_daemon)], max_concurrency, logs, "peer")
+    instances: Dict[str, int] = {}
+    memory: Dict[str, dict] = {}
     try:
-        daemon.wait_healthy()
-        check_echo(daemon, args.payload)
-        instances = warm_up(daemon, max_concurrency, connections, args)
-        if instances < max_concurrency:
-            print(f"  warning: only {instances} of {max_concurrency} instances after warm-up", flush=True)
+        for side, daemon in daemons.items():
+            daemon.wait_serving(args.payload)
+            instances[side] = warm_up(daemon, max_concurrency, connections, args)
+            if instances[side] < max_concurrency:
+                print(f"  warning: {side}: only {instances[side]} of {max_concurrency} instances after warm-up",
+                      flush=True)
         ceiling.run(min(args.warmup, 1.0))  # the ceiling's runtimes warm up too
+        sides = ["ceiling", *daemons]
         rounds = []
         for r in range(args.runs):
-            # alternate which goes first so that a drifting machine favours neither
-            if r % 2 == 0:
-                c = ceiling.run(args.duration)
-                d = measure_daemon(daemon, connections, args)
-            else:
-                d = measure_daemon(daemon, connections, args)
-                c = ceiling.run(args.duration)
-            d["of_ceiling"] = d["rate"] / c["rate"] if c["rate"] else 0.0
-            rounds.append({"ceiling": c, "daemon": d})
-            print(f"    round {r + 1}: daemon {d['rate']:,.0f} inv/s (p50 {d['p50_ms']:.2f} ms, "
-                  f"p99 {d['p99_ms']:.2f} ms, {d['errors']} errors), ceiling {c['rate']:,.0f} inv/s, "
-                  f"{d['of_ceiling']:.2f} of it; daemon CPU {d['daemon_cpu_us_per_inv']:.0f} us/inv", flush=True)
-        memory = memory_kb(daemon.pid)
-        if daemon.proc.poll() is not None:
-            raise SystemExit(f"the daemon died during the run:\n{daemon.stderr_tail()}")
+            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            measured = {}
+            for side in order:
+                if side == "ceiling":
+                    measured[side] = ceiling.run(args.duration)
+                else:
+                    measured[side] = measure_daemon(daemons[side], connections, args)
+            c = measured["ceiling"]
+            for side in daemons:
+                measured[side]["of_ceiling"] = measured[side]["rate"] / c["rate"] if c["rate"] else 0.0
+            if "peer" in measured:
+                peer = measured["peer"]
+                measured["ours"]["x_peer"] = measured["ours"]["rate"] / peer["rate"] if peer["rate"] else 0.0
+            # "daemon" is ours, as in the results files before --peer-daemon existed
+            rounds.append({"ceiling": c, "daemon": measured["ours"], **({"peer": measured["peer"]}
+                                                                       if "peer" in measured else {})})
+            text = [f"    round {r + 1}: ceiling {c['rate']:,.0f} inv/s"]
+            for side in daemons:
+                d = measured[side]
+                text.append(f"{side} {d['rate']:,.0f} inv/s (p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms, "
+                            f"{d['errors']} errors, {d['of_ceiling']:.2f} of the ceiling, "
+                            f"daemon CPU {d['daemon_cpu_us_per_inv']:.0f} us/inv)")
+            print("; ".join(text), flush=True)
+        for side, daemon in daemons.items():
+            memory[side] = memory_kb(daemon.pid)
+            if daemon.proc.poll() is not None:
+                raise SystemExit(f"the {side} daemon died during the run:\n{daemon.stderr_tail()}")
     finally:
-        daemon.stop()
+        for daemon in daemons.values():
+            daemon.stop()
         ceiling.close()
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[side][key] for r in rounds)
 
-    return {
+    def summary(key: str, side: str) -> dict:  # key: the side's name in the rounds
+        out = {k: med(key, k) for k in DAEMON_KEYS}
+        out.update(errors=sum(r[key]["errors"] for r in rounds), rss_mb=memory[side]["VmRSS"] / 1024,
+                   peak_rss_mb=memory[side]["VmHWM"] / 1024)
+        return out
+
+    result = {
         "max_concurrency": max_concurrency,
         "connections": connections,
-        "instances": instances,
+        "instances": instances["ours"],
         "rounds": rounds,
-        "rate": med("daemon", "rate"),
-        "p50_ms": med("daemon", "p50_ms"),
-        "p99_ms": med("daemon", "p99_ms"),
-        "of_ceiling": med("daemon", "of_ceiling"),
+        **summary("daemon", "ours"),
         "ceiling_rate": med("ceiling", "rate"),
         "ceiling_p50_ms": med("ceiling", "p50_ms"),
         "ceiling_p99_ms": med("ceiling", "p99_ms"),
-        "daemon_cpu_us_per_inv": med("daemon", "daemon_cpu_us_per_inv"),
-        "daemon_user_us_per_inv": med("daemon", "daemon_user_us_per_inv"),
-        "daemon_sys_us_per_inv": med("daemon", "daemon_sys_us_per_inv"),
-        "runtime_cpu_us_per_inv": med("daemon", "runtime_cpu_us_per_inv"),
         "ceiling_runtime_cpu_us_per_inv": med("ceiling", "runtime_cpu_us_per_inv"),
         "ceiling_server_cpu_us_per_inv": med("ceiling", "server_cpu_us_per_inv"),
-        "loadgen_cpu_us_per_inv": med("daemon", "loadgen_cpu_us_per_inv"),
-        "machine_busy": med("daemon", "machine_busy"),
-        "errors": sum(r["daemon"]["errors"] for r in rounds),
-        "rss_mb": memory["VmRSS"] / 1024,
-        "peak_rss_mb": memory["VmHWM"] / 1024,
     }
+    if "peer" in daemons:
+        result["peer"] = {"instances": instances["peer"], **summary("peer", "peer")}
+        result["x_peer"] = med("daemon", "x_peer")
+    return result
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -422,65 +479,93 @@ def label(config: Tuple[int, int]) -> str:
     return f"({config[0]},{config[1]})"
 
 
-def x_go(config: Tuple[int, int], rate: float) -> str:
-    if config not in GO_RATE:
-        return "-"
-    lo, hi = GO_RATE[config]
-    return f"{rate / hi:.2f}" if lo == hi else f"{rate / hi:.2f}-{rate / lo:.2f}"
-
-
-def x_go_scaled(config: Tuple[int, int], of_ceiling: float) -> str:
-    return f"{of_ceiling / GO_OF_CEILING[config]:.2f}" if config in GO_OF_CEILING else "-"
-
-
 def markdown(results: dict) -> List[str]:
     """The figures as a Markdown table, for the README."""
-    lines = ["| config (MAX_CONCURRENCY, connections) | inv/s | p50 ms | p99 ms | ceiling inv/s | of ceiling "
-             "| × Go | daemon CPU µs/inv |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in results["configs"]:
-        config = (c["max_concurrency"], c["connections"])
-        lines.append(f"| {label(config)} | {c['rate']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
-                     f"{c['ceiling_rate']:,.0f} | {c['of_ceiling']:.2f} | {x_go(config, c['rate'])} | "
-                     f"{c['daemon_cpu_us_per_inv']:.0f} |")
-    cold = results["cold_start"]
-    rss = max((c["rss_mb"] for c in results["configs"]), default=0.0)
+    peer = results["settings"].get("peer_label") if results["settings"].get("peer_daemon") else None
+    if peer:
+        lines = [f"| HTTP (MAX_CONCURRENCY, connections) | {peer} inv/s | ours inv/s | ours ÷ {peer} | ceiling inv/s "
+                 f"| ours p50 / p99 ms | {peer} p50 / p99 ms | daemon CPU µs/inv ours / {peer} |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in results["configs"]:
+            q = c["peer"]
+            lines.append(f"| {label((c['max_concurrency'], c['connections']))} | {q['rate']:,.0f} | {c['rate']:,.0f} | "
+                         f"{c['x_peer']:.2f} | {c['ceiling_rate']:,.0f} | {c['p50_ms']:.2f} / {c['p99_ms']:.2f} | "
+                         f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f} | {c['daemon_cpu_us_per_inv']:.0f} / "
+                         f"{q['daemon_cpu_us_per_inv']:.0f} |")
+    else:
+        lines = ["| HTTP (MAX_CONCURRENCY, connections) | inv/s | p50 ms | p99 ms | ceiling inv/s | of ceiling "
+                 "| daemon CPU µs/inv |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in results["configs"]:
+            lines.append(f"| {label((c['max_concurrency'], c['connections']))} | {c['rate']:,.0f} | "
+                         f"{c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {c['ceiling_rate']:,.0f} | {c['of_ceiling']:.2f} | "
+                         f"{c['daemon_cpu_us_per_inv']:.0f} |")
     tail = []
+    cold = results["cold_start"]
     if cold["runs"]:
-        tail.append(f"cold start {cold['first_response_s']:.3f} s (median of {len(cold['runs'])})")
+        text = f"cold start {cold['first_response_s']:.3f} s"
+        if peer:
+            text += f" ({peer} {cold['peer']['first_response_s']:.3f} s)"
+        tail.append(text + f" (median of {len(cold['runs'])})")
     if results["configs"]:
-        tail.append(f"daemon RSS {rss:.1f} MB after load")
+        text = f"daemon RSS {max(c['rss_mb'] for c in results['configs']):.1f} MB after load"
+        if peer:
+            text += f" ({peer} {max(c['peer']['rss_mb'] for c in results['configs']):.1f} MB)"
+        tail.append(text)
     lines.append("")
     lines.append("; ".join(tail) + f". Medians of {results['settings']['runs']} rounds of "
-                 f"{results['settings']['duration']} s, {results['settings']['loadgen']}, revision "
-                 f"{results['revision']}, {results['machine']['cpus']} CPUs.")
+                 f"{results['settings']['duration']} s, alternating, {results['settings']['loadgen']}, revision "
+                 f"{results['revision']}, {results['machine']['cpus']} CPUs, load average "
+                 f"{results['machine']['load_average_at_start']:.2f} before and "
+                 f"{results['machine']['load_average_at_end']:.2f} after.")
     return lines
 
 
 def report(results: dict) -> List[str]:
-    lines = []
-    head = (f"{'config':>8} {'inv/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ceiling':>8} {'of ceil':>7} "
-            f"{'x Go':>9} {'x Go*':>6} {'daemon':>7} {'runtime':>8} {'RSS':>6}")
-    lines += [head, f"{'':>8} {'':>8} {'':>7} {'':>7} {'inv/s':>8} {'':>7} {'':>9} {'':>6} "
-                    f"{'us/inv':>7} {'us/inv':>8} {'MB':>6}"]
+    peer = results["settings"]["peer_label"] if results["settings"].get("peer_daemon") else None
+    lines = [f"{'config':>8} {'side':<10} {'inv/s':>8} {'of ceil':>7} {'p50 ms':>7} {'p99 ms':>7} {'daemon':>7} "
+             f"{'runtime':>8} {'RSS':>6}",
+             f"{'':>8} {'':<10} {'':>8} {'':>7} {'':>7} {'':>7} {'us/inv':>7} {'us/inv':>8} {'MB':>6}"]
+
+    def row(config: str, side: str, c: dict) -> str:
+        return (f"{config:>8} {side:<10} {c['rate']:>8,.0f} {c['of_ceiling']:>7.2f} {c['p50_ms']:>7.2f} "
+                f"{c['p99_ms']:>7.2f} {c['daemon_cpu_us_per_inv']:>7.0f} {c['runtime_cpu_us_per_inv']:>8.0f} "
+                f"{c['rss_mb']:>6.1f}")
+
     for c in results["configs"]:
-        config = (c["max_concurrency"], c["connections"])
-        lines.append(
-            f"{label(config):>8} {c['rate']:>8,.0f} {c['p50_ms']:>7.2f} {c['p99_ms']:>7.2f} "
-            f"{c['ceiling_rate']:>8,.0f} {c['of_ceiling']:>7.2f} {x_go(config, c['rate']):>9} "
-            f"{x_go_scaled(config, c['of_ceiling']):>6} "
-            f"{c['daemon_cpu_us_per_inv']:>7.0f} {c['runtime_cpu_us_per_inv']:>8.0f} {c['rss_mb']:>6.1f}")
+        config = label((c["max_concurrency"], c["connections"]))
+        lines.append(f"{config:>8} {'ceiling':<10} {c['ceiling_rate']:>8,.0f} {1:>7.2f} {c['ceiling_p50_ms']:>7.2f} "
+                     f"{c['ceiling_p99_ms']:>7.2f} {'-':>7} {c['ceiling_runtime_cpu_us_per_inv']:>8.0f}")
+        lines.append(row("", "ours", c))
+        if peer:
+            q = c["peer"]
+            lines.append(row("", peer, q))
+            lines.append(f"{'':>8} {'ours÷' + peer:<10} {c['x_peer']:>8.2f} {'':>7} {c['p50_ms'] / q['p50_ms']:>7.2f} "
+                         f"{c['p99_ms'] / q['p99_ms']:>7.2f} "
+                         f"{c['daemon_cpu_us_per_inv'] / max(q['daemon_cpu_us_per_inv'], 1e-9):>7.2f} {'':>8} "
+                         f"{c['rss_mb'] / q['rss_mb']:>6.2f}")
     cold = results["cold_start"]
+
+    def cold_text(k: dict) -> str:
+        return (f"{k['first_response_s']:.3f} s ({k['min_s']:.3f}-{k['max_s']:.3f}, listening after "
+                f"{k['listening_s']:.3f} s)")
+
     if cold["runs"]:
-        lines.append(f"cold start (launch to first 200, median of {len(cold['runs'])}): "
-                     f"{cold['first_response_s']:.3f} s (listening after {cold['listening_s']:.3f} s); "
-                     f"Go {GO_COLD_S} s")
+        text = f"cold start (launch to first 200, median of {len(cold['runs'])}): ours {cold_text(cold)}"
+        if peer:
+            text += (f"; {peer} {cold_text(cold['peer'])}; ours÷{peer} "
+                     f"{cold['first_response_s'] / cold['peer']['first_response_s']:.2f}")
+        lines.append(text)
     if results["configs"]:
         rss = max(c["rss_mb"] for c in results["configs"])
         peak = max(c["peak_rss_mb"] for c in results["configs"])
-        lines.append(f"daemon RSS after load: {rss:.1f} MB (peak {peak:.1f} MB); Go {GO_RSS_MB:.0f} MB")
-    lines.append("x Go = rate / Go's inv/s range (top-bottom); x Go* = our fraction of the ceiling / Go's fraction "
-                 "of its machine's ceiling (machine-independent estimate)")
+        text = f"daemon RSS after load (largest configuration): ours {rss:.1f} MB (peak {peak:.1f} MB)"
+        if peer:
+            text += (f"; {peer} {max(c['peer']['rss_mb'] for c in results['configs']):.1f} MB "
+                     f"(peak {max(c['peer']['peak_rss_mb'] for c in results['configs']):.1f} MB)")
+        lines.append(text)
+    lines.append(f"load average {results['machine']['load_average_at_start']:.2f} at start, "
+                 f"{results['machine']['load_average_at_end']:.2f} at end")
     lines.append("targets (meaningful only on a quiet machine):")
     for check, ok in targets(results):
         lines.append(f"  [{'ok' if ok else 'MISS'}] {check}")
@@ -488,19 +573,18 @@ def report(results: dict) -> List[str]:
 
 
 def targets(results: dict) -> List[Tuple[str, bool]]:
-    by_config = {(c["max_concurrency"], c["connections"]): c for c in results["configs"]}
+    peer = results["settings"]["peer_label"] if results["settings"].get("peer_daemon") else None
     checks = []
-    one = by_config.get((1, 1))
-    if one:
-        checks.append((f"(1,1) >= {TARGET_OF_CEILING_1} of the ceiling: {one['of_ceiling']:.2f}",
-                       one["of_ceiling"] >= TARGET_OF_CEILING_1))
-        checks.append((f"(1,1) p99 <= Go's {GO_P99_MS[1]} ms: {one['p99_ms']:.2f} ms", one["p99_ms"] <= GO_P99_MS[1]))
-    for config in ((2, 4), (4, 16)):
-        c = by_config.get(config)
-        if c:
-            need = TARGET_X_GO * GO_RATE[config][1]
-            checks.append((f"{label(config)} >= {TARGET_X_GO} x Go ({need:,.0f} inv/s): {c['rate']:,.0f}",
-                           c["rate"] >= need))
+    for c in results["configs"]:
+        config = label((c["max_concurrency"], c["connections"]))
+        if (c["max_concurrency"], c["connections"]) == (1, 1):
+            checks.append((f"(1,1) >= {TARGET_OF_CEILING_1} of the ceiling: {c['of_ceiling']:.2f}",
+                           c["of_ceiling"] >= TARGET_OF_CEILING_1))
+        if peer:
+            q = c["peer"]
+            checks.append((f"{config} >= {TARGET_X_PEER} x {peer}: {c['x_peer']:.2f}", c["x_peer"] >= TARGET_X_PEER))
+            checks.append((f"{config} p99 <= {peer}'s {q['p99_ms']:.2f} ms: {c['p99_ms']:.2f} ms",
+                           c["p99_ms"] <= q["p99_ms"]))
     cold = results["cold_start"]
     if cold["runs"]:
         checks.append((f"cold start <= {TARGET_COLD_S} s: {cold['first_response_s']:.3f} s",
@@ -508,8 +592,10 @@ def targets(results: dict) -> List[Tuple[str, bool]]:
     if results["configs"]:
         rss = max(c["rss_mb"] for c in results["configs"])
         checks.append((f"RSS <= {TARGET_RSS_MB:.0f} MB: {rss:.1f} MB", rss <= TARGET_RSS_MB))
-    errors = sum(c["errors"] for c in results["configs"])
+    errors = sum(c["errors"] + c.get("peer", {}).get("errors", 0) for c in results["configs"])
     checks.append((f"no failed requests: {errors}", errors == 0))
+    if not peer:
+        checks.append(("the targets relative to a peer daemon need --peer-daemon", True))
     return checks
 
 
@@ -541,6 +627,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table")
     parser.add_argument("--daemon-src", type=Path,
                         help="run lambda_rapid imported from this directory (A/B of an uncommitted change)")
+    parser.add_argument("--peer-daemon", type=Path,
+                        help="also measure this daemon (e.g. the Go one), run as PATH python -m awslambdaric "
+                             "echo.handler, in alternating rounds with ours")
+    parser.add_argument("--peer-label", default="peer", help="the peer's name in the report (default: peer)")
     parser.add_argument("--output", type=Path, help="JSON results file (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -558,6 +648,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.loadgen = "wrk" if args.wrk_path else "python"
     elif args.loadgen == "wrk" and not args.wrk_path:
         parser.error("wrk is not installed (apt-get install wrk), use --loadgen python")
+    if args.peer_daemon is not None:
+        found = shutil.which(str(args.peer_daemon))
+        if found is None:
+            parser.error(f"--peer-daemon: {args.peer_daemon} is not an executable")
+        args.peer_daemon = Path(found).resolve()
+    args.load = Load(args.loadgen, args.payload, args.wrk_path, args.wrk_threads)
     return args
 
 
@@ -575,6 +671,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_at_start = loadavg()
     print(f"lambda-rapid HTTP benchmark: {os.cpu_count()} CPUs, load average {load_at_start:.2f}, "
           f"load generator {args.loadgen}, {args.runs} round(s) of {args.duration} s per configuration", flush=True)
+    if args.peer_daemon:
+        print(f"peer ({args.peer_label}): {args.peer_daemon}", flush=True)
     if load_at_start > 0.5:
         print("warning: the machine is not quiet; absolute figures will be low and noisy", flush=True)
     results: dict = {
@@ -582,20 +680,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         "revision": git_revision(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_start": load_at_start},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "load"},
         "configs": [],
     }
     with tempfile.TemporaryDirectory(prefix="lambda-rapid-bench-") as tmp:
         logs = Path(tmp)
-        cold_runs: List[dict] = []
+        commands = {"ours": DAEMON_COMMAND, **({"peer": [str(args.peer_daemon)]} if args.peer_daemon else {})}
+        cold: Dict[str, List[dict]] = {side: [] for side in commands}
         if args.cold_runs:
             print("cold start ...", flush=True)
-            cold_runs = measure_cold(args.cold_runs, args.payload, logs)
-        results["cold_start"] = {
-            "runs": cold_runs,
-            "first_response_s": statistics.median(r["first_response_s"] for r in cold_runs) if cold_runs else None,
-            "listening_s": statistics.median(r["listening_s"] for r in cold_runs) if cold_runs else None,
-        }
+            cold = measure_cold(args.cold_runs, args.payload, logs, commands)
+        results["cold_start"] = cold_summary(cold["ours"])  # ours at the top, as before --peer-daemon
+        if args.peer_daemon:
+            results["cold_start"]["peer"] = cold_summary(cold["peer"])
         for max_concurrency, connections in args.config_list:
             results["configs"].append(bench_config(max_concurrency, connections, args, logs))
     results["machine"]["load_average_at_end"] = loadavg()

@@ -1,22 +1,26 @@
-"""Helpers for the AMQP tests: a plain pika RPC client, queue probes and lambda-server start-up.
+"""Helpers for the AMQP tests: a plain pika RPC client, queue probes, daemon and lambda-server start-up.
 
 Everything talks to the real RabbitMQ on 127.0.0.1:5672 (guest/guest). Every test names its own
-queue (function), so tests can run side by side with other engineers' tests.
+queue (function), so tests can run side by side with other engineers' tests. The daemons' queues
+are durable by default and outlive them: ``queues_deleted`` deletes what ``amqp_daemon`` started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pika
 import pytest
 
-from conftest import BIN, ROOT, Proc, daemon_env, free_port, wait_until
+from conftest import BIN, FUNCTIONS_DIR, RIC, ROOT, Proc, daemon_env, free_port, wait_until
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 # Short retry pacing so the tests see reconnects within seconds.
@@ -61,8 +65,64 @@ def consumers(queue: str) -> int:
             pass
 
 
+def queue_depth(queue: str) -> int:
+    """Messages ready in ``queue`` (-1 when it does not exist)."""
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(BROKER + "?connection_attempts=1&socket_timeout=2"))
+    except pika.exceptions.AMQPError:
+        return -1
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return -1
+    finally:
+        try:
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
 def wait_consumers(queue: str, count: int = 1, timeout: float = 15.0) -> None:
     wait_until(lambda: consumers(queue) >= count, timeout, 0.05, f"{count} consumer(s) on {queue}")
+
+
+CREATED: list = []  # queues declared by the daemons ``amqp_daemon`` started for the running test
+
+
+def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", command: Optional[list] = None,
+                cwd: Path = FUNCTIONS_DIR, **env) -> Proc:
+    """A daemon of function ``name`` consuming its queue: awslambdaric with a tests/functions
+    ``handler``, or the runtime ``command`` given."""
+    proc = daemon_factory(RIC + [handler] if command is None else command, cwd=cwd, AWS_LAMBDA_FUNCTION_NAME=name,
+                          **{"AMQP_URI": AMQP_URI, **env})
+    CREATED.append(name)
+    wait_consumers(name)
+    return proc
+
+
+def delete_queue(name: str) -> None:
+    """Delete ``name`` (and whatever waits in it); nothing when it does not exist."""
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER + "?connection_attempts=3&retry_delay=1"))
+    try:
+        conn.channel().queue_delete(name)
+    except pika.exceptions.ChannelClosedByBroker:
+        pass
+    finally:
+        try:
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
+@contextlib.contextmanager
+def queues_deleted() -> Iterator[None]:
+    """Delete, on the way out, the queues of the daemons started meanwhile (use it around their
+    whole life: an autouse fixture is set up before ``daemon_factory``, so torn down after it)."""
+    try:
+        yield
+    finally:
+        while CREATED:
+            delete_queue(CREATED.pop())
 
 
 class RpcClient:
@@ -78,10 +138,11 @@ class RpcClient:
         self.replies[props.correlation_id] = (props, body)
 
     def send(self, queue: str, body: bytes, headers: Optional[dict] = None, correlation_id: Optional[str] = None,
-             reply: bool = True) -> str:
+             reply: bool = True, persistent: bool = False) -> str:
         cid = correlation_id if correlation_id is not None else str(uuid.uuid4())
         props = pika.BasicProperties(reply_to="amq.rabbitmq.reply-to" if reply else None, correlation_id=cid,
-                                     content_type="application/json", headers=headers)
+                                     content_type="application/json", headers=headers,
+                                     delivery_mode=2 if persistent else 1)
         self.channel.basic_publish("", queue, body, props)
         return cid
 
@@ -130,9 +191,93 @@ def metric(proc: Proc, name: str) -> float:
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120,
-                   env=dict(os.environ, HOME=os.environ.get("HOME", "/root")))
+    rabbitmqctl_out(*args)
+
+
+def rabbitmqctl_out(*args: str) -> str:
+    """What ``rabbitmqctl -q ARGS`` prints (it fails the test when the command fails)."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120, text=True,
+                          env=dict(os.environ, HOME=os.environ.get("HOME", "/root"))).stdout
 
 
 def functions_dir() -> Path:
     return Path(__file__).resolve().parent / "functions"
+
+
+class BrokerPath:
+    """A TCP path to RabbitMQ for one daemon, which the test can cut (its connections closed at both
+    ends, new ones closed at once) and restore: a network outage between that daemon and the
+    broker, with the broker and everyone else's connections untouched. Bytes pass as they are."""
+
+    def __init__(self, target: tuple = ("127.0.0.1", 5672)) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.closed = False
+        self.lock = threading.Lock()
+        self.sockets: list = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def uri(self, query: str = "connection_attempts=3&retry_delay=0.5&heartbeat=0") -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/?{query}"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                thread = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def restore(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        self.cut()
+        for thread in self.threads:
+            thread.join(5)
+
+    def __enter__(self) -> BrokerPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,22 +5,30 @@ Each test runs real daemons (real awslambdaric) on free ports and a queue named 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pika
 import pytest
 
 from amqp_support import (
-    AMQP_URI,
     BROKER,
+    BrokerPath,
     RpcClient,
+    amqp_daemon,
+    broker_up,
     consumers,
+    delete_queue,
     metric,
+    queues_deleted,
+    rabbitmqctl,
+    rabbitmqctl_out,
     require_broker,  # noqa: F401  (autouse: fail clearly when RabbitMQ is not running)
     unique_name,
     wait_consumers,
@@ -36,11 +44,11 @@ def rpc():
         yield client
 
 
-def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", **env):
-    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name, AMQP_URI=AMQP_URI,
-                          **env)
-    wait_consumers(name)
-    return proc
+@pytest.fixture(autouse=True)
+def _delete_queues():
+    """The daemons' queues are durable: gone after each test (after its daemons stopped)."""
+    with queues_deleted():
+        yield
 
 
 def test_echo_reply_properties_and_headers(daemon_factory, rpc):
@@ -206,76 +214,149 @@ def test_redelivered_work_of_a_dead_connection_is_not_lost(daemon_factory):
     """Closing the daemon's connection from the broker side (as a network cut would): the daemon
     reconnects by itself and keeps consuming; a request sent meanwhile is answered."""
     name = unique_name("amqp-cut")
-    daemon = amqp_daemon(daemon_factory, name, AMQP_DURABLE_QUEUE="true")
-    try:
-        _cut_connections(name)
-        client = RpcClient()
-        try:
-            cid = client.send(name, b'{"after": "cut"}')
-            props, body = client.wait(cid, 20)
-            assert json.loads(body) == {"after": "cut"}
-        finally:
-            client.close()
-        wait_until(lambda: "reconnecting" in daemon.stderr, 5, message="the lost-connection log")
-    finally:
-        _delete_queue(name)
+    daemon = amqp_daemon(daemon_factory, name)
+    _cut_connections(name)
+    with RpcClient() as client:
+        cid = client.send(name, b'{"after": "cut"}')
+        props, body = client.wait(cid, 20)
+        assert json.loads(body) == {"after": "cut"}
+    wait_until(lambda: "reconnecting" in daemon.stderr, 5, message="the lost-connection log")
 
 
 def _cut_connections(name: str) -> None:
     """Close the daemon's broker connection from the broker's side, as a network cut would."""
     conn_name = f"lambda-runtime-api-daemon {name}"
-    out = _ctl("list_connections", "pid", "client_properties")
+    out = rabbitmqctl_out("list_connections", "pid", "client_properties")
     pids = [line.split("\t")[0] for line in out.splitlines() if conn_name in line]
     assert pids, out
     for pid in pids:
-        _ctl("close_connection", pid, "test cut")
+        rabbitmqctl_out("close_connection", pid, "test cut")
 
 
 def test_connection_cut_mid_invocation_runs_the_function_once(daemon_factory):
-    """The broker requeues the unacked request when the connection drops; its redelivered copy is
-    answered from the run still going here, not run a second time."""
+    """The broker requeues the unacked request when the connection drops; the daemon is back at once
+    and its redelivered copy is answered from the run still going here, not run a second time."""
     name = unique_name("amqp-cut-running")
-    daemon = amqp_daemon(daemon_factory, name, "handlers.sleep", AMQP_DURABLE_QUEUE="true",
-                         AWS_LAMBDA_FUNCTION_TIMEOUT=10)
-    try:
-        with RpcClient() as client:
-            cid = client.send(name, b'{"seconds": 1.5}')
-            wait_until(lambda: 'lambda_instances{state="busy"} 1' in daemon.metrics(), 15, message="running")
-            _cut_connections(name)
-            props, body = client.wait(cid, 20)
-            assert json.loads(body)["slept"] == 1.5
-        wait_until(lambda: "came back" in daemon.stderr, 10, message="the redelivered copy")
-        time.sleep(0.5)
+    with BrokerPath() as path, RpcClient() as client:
+        daemon = amqp_daemon(daemon_factory, name, "handlers.sleep", AMQP_URI=path.uri(),
+                             AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+        cid = client.send(name, b'{"seconds": 1.5}')
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in daemon.metrics(), 15, message="running")
+        path.cut()
+        path.restore()
+        props, body = client.wait(cid, 20)
+        assert json.loads(body)["slept"] == 1.5
+        assert "came back" in daemon.stderr
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the copy acked")
+        client.conn.process_data_events(0.3)
+        assert client.replies == {}  # one reply, not two
         assert metric(daemon, SUCCESS) == 1
         assert consumers(name) == 1
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_redelivery_after_an_outage_is_answered_from_the_run(daemon_factory, queue_type):
+    """The run ends while the broker is out of reach, so its reply cannot go out; when the daemon is
+    back the broker redelivers the request: it is answered from that run (one run, one reply), not
+    run a second time."""
+    name = unique_name(f"amqp-outage-{queue_type}")
+    with BrokerPath() as path, RpcClient() as client:
+        daemon = amqp_daemon(daemon_factory, name, "handlers.sleep", AMQP_URI=path.uri(), AMQP_QUEUE_TYPE=queue_type,
+                             AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+        cid = client.send(name, b'{"seconds": 1}', persistent=True)
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in daemon.metrics(), 15, message="running")
+        path.cut()
+        wait_until(lambda: "no AMQP connection" in daemon.stderr, 10, message="the run ending while cut off")
+        path.restore()
+        props, body = client.wait(cid, 30)
+        assert json.loads(body)["slept"] == 1
+        assert "came back" in daemon.stderr
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the copy acked")
+        client.conn.process_data_events(0.3)
+        assert client.replies == {}  # one reply, not two
+        assert metric(daemon, SUCCESS) == 1
+
+
+def test_broker_restart_mid_invocation_runs_nothing_twice(daemon_factory):
+    """A broker restart while a request runs (RabbitMQ stopped 0.3 s after the persistent requests
+    were published, the function sleeping 1 s), for both queue types in one short restart of the
+    shared broker: the running request is answered from its run after the restart, the one that
+    waited behind it runs then; each runs once and is answered once, and nothing is lost."""
+    replies = unique_name("amqp-restart-replies")
+    daemons, sent = {}, {}
+    for queue_type in ("classic", "quorum"):
+        name = unique_name(f"amqp-restart-{queue_type}")
+        daemons[name] = amqp_daemon(daemon_factory, name, "handlers.sleep", AMQP_QUEUE_TYPE=queue_type,
+                                    AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER))
+    channel = conn.channel()
+    channel.queue_declare(replies, durable=True)  # replies must outlive the restart too
+    channel.confirm_delivery()
+    for name in daemons:
+        for seconds in (1, 0.1):
+            cid = str(uuid.uuid4())
+            sent[cid] = name
+            channel.basic_publish("", name, json.dumps({"seconds": seconds}).encode(), pika.BasicProperties(
+                reply_to=replies, correlation_id=cid, delivery_mode=2), mandatory=True)
+    conn.close()
+    time.sleep(0.3)  # as the outage in the field: the broker goes while the first requests run
+    try:
+        rabbitmqctl("stop_app")
+        for daemon in daemons.values():
+            wait_until(lambda d=daemon: "no AMQP connection" in d.stderr, 10, message="runs ending off the broker")
     finally:
-        _delete_queue(name)
-
-
-def _ctl(*args: str) -> str:
-    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
-                          timeout=60).stdout
-
-
-def _delete_queue(name: str) -> None:
+        rabbitmqctl("start_app")
+        wait_until(broker_up, 60, 0.2, "RabbitMQ back")  # other tests share it
+    answered: dict = {}
     conn = pika.BlockingConnection(pika.URLParameters(BROKER))
     try:
-        conn.channel().queue_delete(name)
+        channel = conn.channel()
+        deadline = time.monotonic() + 60
+        while len(answered) < len(sent) and time.monotonic() < deadline:
+            method, props, body = channel.basic_get(replies, auto_ack=True)
+            if method is None:
+                conn.process_data_events(0.1)
+                continue
+            answered.setdefault(props.correlation_id, []).append(json.loads(body)["slept"])
+        conn.process_data_events(0.5)
+        while True:  # a duplicate would come right after its first copy
+            method, props, body = channel.basic_get(replies, auto_ack=True)
+            if method is None:
+                break
+            answered.setdefault(props.correlation_id, []).append(json.loads(body)["slept"])
+        channel.queue_delete(replies)
     finally:
         conn.close()
+    assert sorted(answered) == sorted(sent), (answered, [d.stderr[-2000:] for d in daemons.values()])
+    assert all(len(slept) == 1 for slept in answered.values()), answered
+    for name, daemon in daemons.items():
+        assert metric(daemon, SUCCESS) == 2, (name, daemon.stderr)
+        assert "came back" in daemon.stderr
 
 
-@pytest.mark.parametrize("durable", ["false", "true"])
-def test_queue_durability_follows_the_setting(daemon_factory, durable):
-    name = unique_name("amqp-durable")
-    try:
-        amqp_daemon(daemon_factory, name, AMQP_DURABLE_QUEUE=durable)
-        out = _ctl("list_queues", "name", "durable", "auto_delete")
-        line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
-        assert line.split("\t")[1:] == (["true", "false"] if durable == "true" else ["false", "true"])
-    finally:
-        if durable == "true":
-            _delete_queue(name)
+@pytest.mark.parametrize("env,declared", [
+    ({}, ["true", "false", "classic"]),  # the default: outlives its daemons and broker restarts
+    ({"AMQP_QUEUE_TYPE": "quorum"}, ["true", "false", "quorum"]),
+    ({"AMQP_DURABLE_QUEUE": "false"}, ["false", "true", "classic"]),  # the Go daemon's auto-delete queue
+])
+def test_queue_follows_the_settings(daemon_factory, rpc, env, declared):
+    """Each queue type end to end: declared as set, requests answered, requeued at shutdown; the
+    durable ones outlive their last daemon (a request waits in it), the auto-delete one does not."""
+    name = unique_name("amqp-queue")
+    daemon = amqp_daemon(daemon_factory, name, **env)
+    out = rabbitmqctl_out("list_queues", "name", "durable", "auto_delete", "type")
+    line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
+    assert line.split("\t")[1:] == declared
+    props, body = rpc.call(name, b'{"type": 1}', headers={"X-Amz-Log-Type": "Tail"})
+    assert json.loads(body) == {"type": 1} and "X-Amz-Log-Result" in props.headers
+    daemon.stop()
+    if declared[0] == "false":
+        assert consumers(name) == -1  # gone with its last consumer
+        return
+    cid = rpc.send(name, b'{"waited": true}')
+    wait_until(lambda: _queue_counts(name) == (1, 0), 5, 0.05, "the request waiting in the queue")
+    amqp_daemon(daemon_factory, name, **env)
+    assert json.loads(rpc.wait(cid, 20)[1]) == {"waited": True}
 
 
 def test_many_in_flight_all_answered(daemon_factory):
@@ -303,7 +384,7 @@ def test_deleted_queue_is_declared_again(daemon_factory, rpc):
     consuming instead of sitting on a connection that receives nothing."""
     name = unique_name("amqp-deleted")
     daemon = amqp_daemon(daemon_factory, name)
-    _delete_queue(name)
+    delete_queue(name)
     wait_consumers(name, 1, 10)
     props, body = rpc.call(name, b'{"after": "delete"}')
     assert json.loads(body) == {"after": "delete"}
@@ -312,7 +393,7 @@ def test_deleted_queue_is_declared_again(daemon_factory, rpc):
 
 def _queue_counts(name: str) -> tuple:
     """(ready, unacknowledged) messages of a queue, as the broker counts them."""
-    out = _ctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
+    out = rabbitmqctl_out("list_queues", "name", "messages_ready", "messages_unacknowledged")
     line = next(x for x in out.splitlines() if x.split("\t")[0] == name)
     ready, unacked = line.split("\t")[1:3]
     return int(ready), int(unacked)
@@ -322,21 +403,47 @@ def test_answered_requests_are_acked_without_more_traffic(daemon_factory):
     """Acks wait to share the next reply's socket write; the last ones must still go out on their
     own when no more replies come, or they would hold prefetch slots (and come back on a cut)."""
     name = unique_name("amqp-acked")
-    daemon = amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2, AMQP_DURABLE_QUEUE="true")
-    try:
-        with RpcClient() as client:
-            ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(30)]
-            for i, cid in enumerate(ids):
-                assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
-            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "every request acked")
-            assert client.call(name, b'{"alone": 1}')[1] == b'{"alone": 1}'
-            wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the lone request acked")
-            # SIGTERM right after a reply: its ack is written before the connection closes, so
-            # the request does not come back to the queue.
-            assert client.call(name, b'{"last": 1}')[1] == b'{"last": 1}'
-        assert metric(daemon, SUCCESS) == 32
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0
-        assert _queue_counts(name) == (0, 0)
-    finally:
-        _delete_queue(name)
+    daemon = amqp_daemon(daemon_factory, name, MAX_CONCURRENCY=2)
+    with RpcClient() as client:
+        ids = [client.send(name, json.dumps({"n": i}).encode()) for i in range(30)]
+        for i, cid in enumerate(ids):
+            assert json.loads(client.wait(cid, 30)[1]) == {"n": i}
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "every request acked")
+        assert client.call(name, b'{"alone": 1}')[1] == b'{"alone": 1}'
+        wait_until(lambda: _queue_counts(name) == (0, 0), 5, 0.1, "the lone request acked")
+        # SIGTERM right after a reply: its ack is written before the connection closes, so
+        # the request does not come back to the queue.
+        assert client.call(name, b'{"last": 1}')[1] == b'{"last": 1}'
+    assert metric(daemon, SUCCESS) == 32
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    assert _queue_counts(name) == (0, 0)
+
+
+def test_kept_runs_are_bounded_in_count_and_bytes(monkeypatch):
+    """What the daemon keeps for redelivered copies (in-process: no broker needed)."""
+    from lambda_rapid.config import Config
+    from lambda_rapid.invocation import Invocation, Result
+    from lambda_rapid.invoke import amqp_rpc
+
+    monkeypatch.setattr(amqp_rpc, "KEPT_COUNT", 3)
+    monkeypatch.setattr(amqp_rpc, "KEPT_BYTES", 100)
+
+    async def run() -> None:
+        rpc = amqp_rpc.AmqpRpc(pool=None, config=Config(amqp_uri="amqp://127.0.0.1/"))
+        for n in range(5):
+            key = (f"cid-{n}", "reply", 2)
+            kept = amqp_rpc.Kept(Invocation(f"id-{n}", b"{}", arn="arn"), None, None, False)
+            rpc._keep(key, kept)
+            rpc._hold(key, kept, Result("success", b"x" * 40))
+            rpc._keep(key, kept)  # re-keeping counts its bytes once
+        assert list(rpc.kept) == [("cid-3", "reply", 2), ("cid-4", "reply", 2)]  # 3 x 40 bytes > 100
+        assert rpc.kept_bytes == 80
+        key, kept = next(iter(rpc.kept.items()))
+        rpc._settled(key, kept, True)  # a reply confirmed: the result goes, the entry stays for the ack
+        assert kept.replied and kept.result is None and rpc.kept_bytes == 40
+        rpc._forget(key)
+        rpc._forget(key)
+        assert len(rpc.kept) == 1 and rpc.kept_bytes == 40
+
+    asyncio.run(run())

@@ -115,4 +115,67 @@ def test_run_py_measures_daemon_ceiling_and_cold_start(loadgen, tmp_path):
     assert config["daemon_cpu_us_per_inv"] > 0 and 1 < config["rss_mb"] < 500
     cold = results["cold_start"]
     assert 0 < cold["listening_s"] <= cold["first_response_s"] < 30
-    assert "x Go" in done.stdout and "targets" in done.stdout
+    assert "targets" in done.stdout and "need --peer-daemon" in done.stdout
+
+
+def bench_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MAX_", "PORT", "AMQP_"))}
+
+
+def test_run_py_measures_a_peer_daemon_side_by_side(tmp_path):
+    """--peer-daemon, with our own daemon standing in for the peer (no Go binary needed)."""
+    output = tmp_path / "results.json"
+    peer = Path(PYTHON).parent / "lambda-runtime-api-daemon"
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--configs", "2x2", "--runs", "2", "--duration", "1",
+                           "--warmup", "1", "--cold-runs", "1", "--loadgen", "python", "--peer-daemon", str(peer),
+                           "--peer-label", "self", "--markdown", "--output", str(output)],
+                          capture_output=True, text=True, timeout=120, env=bench_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    (config,) = results["configs"]
+    peer_side = config["peer"]
+    assert config["instances"] == peer_side["instances"] == 2
+    assert config["errors"] == peer_side["errors"] == 0
+    assert config["rate"] > 0 and peer_side["rate"] > 0 and config["ceiling_rate"] > 0
+    for r in config["rounds"]:  # every round measured all three, and the ratio is paired by round
+        assert r["peer"]["requests"] > 0 and r["ceiling"]["invocations"] > 0
+        assert r["daemon"]["x_peer"] == pytest.approx(r["daemon"]["rate"] / r["peer"]["rate"], rel=1e-6)
+    assert config["x_peer"] > 0 and peer_side["daemon_cpu_us_per_inv"] > 0 and 1 < peer_side["rss_mb"] < 500
+    cold = results["cold_start"]
+    assert 0 < cold["peer"]["listening_s"] <= cold["peer"]["first_response_s"] < 30
+    assert 0 < cold["first_response_s"] < 30
+    assert "ours÷self" in done.stdout and "x self" in done.stdout
+    assert "| self inv/s | ours inv/s | ours ÷ self |" in done.stdout
+
+
+def test_amqp_bench_measures_both_paths_side_by_side(tmp_path):
+    """amqp_bench.py with our own daemon and lambda-server standing in for the peer's."""
+    from amqp_support import broker_up
+
+    if not broker_up():
+        pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 (guest/guest); .ci/run starts it")
+    output = tmp_path / "amqp.json"
+    done = subprocess.run([sys.executable, str(BENCH / "amqp_bench.py"), "--rounds", "1", "--seconds", "1",
+                           "--warmup", "0.5", "--inflight", "4", "--connections", "2",
+                           "--peer-daemon", str(Path(PYTHON).parent / "lambda-runtime-api-daemon"),
+                           "--peer-server", str(Path(PYTHON).parent / "lambda-server"), "--peer-label", "self",
+                           "--output", str(output)], capture_output=True, text=True, timeout=120, env=bench_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    assert set(results["workloads"]) == {"inflight=4", "server"}
+    (round_,) = results["rounds"]
+    assert round_["ceiling"]["invocations"] > 0
+    for workload, summary in results["workloads"].items():
+        for side in ("ours", "self"):
+            window = round_["workloads"][workload][side]
+            assert window["count"] > 0 and window["errors"] == 0, window
+            assert window["instances"] == 2, window
+            assert window["daemon_cpu_us_per_request"] > 0, window
+            if workload == "server":
+                assert window["server_cpu_us_per_request"] > 0, window
+        assert summary["x_peer"] == pytest.approx(
+            round_["workloads"][workload]["ours"]["rate"] / round_["workloads"][workload]["self"]["rate"], rel=1e-6)
+    for side in ("ours", "self"):
+        assert 1 < results["memory"][side]["daemon_rss_mb"] < 500
+        assert 1 < results["memory"][side]["server_rss_mb"] < 500
+    assert "ours÷self" in done.stdout and "lambda-server c=2" in done.stdout

@@ -1,4 +1,4 @@
-"""Configuration (SPEC sections 1 and 2): unit tests of ``config.load`` and end-to-end start-up
+"""Configuration (the settings and the command line): unit tests of ``config.load`` and end-to-end start-up
 errors (the real console script must exit non-zero with one clear line naming the variable), the
 RIE's flags and ``python -m lambda_rapid``.
 """
@@ -43,7 +43,7 @@ def test_defaults():
     assert c.timeout == 3.0 and c.memory_size == 3008 and c.init_timeout == 10.0 and c.idle_timeout == 1800.0
     assert c.max_concurrency == 1 and c.min_instances == 0 and c.max_queued == 1000
     assert c.runtime_max_concurrency == 1
-    assert c.amqp_uri is None and c.amqp_durable is False
+    assert c.amqp_uri is None and c.amqp_durable is True and c.amqp_queue_type == "classic"
     assert c.print_reports is False and c.log_level == "INFO" and c.structured_logging is False
     assert c.enable_openfaas is False
     assert c.extensions_dir == "/opt/extensions"
@@ -170,12 +170,31 @@ def test_amqp_settings():
     assert load(AMQP_URI="amqp://h:5672/").amqp_uri == "amqp://h:5672/"
     c = load(AMQP_URI="amqp://h:5672/?heartbeat=0", AMQP_USERNAME="u", AMQP_PASSWORD="p@ss")
     assert c.amqp_uri == "amqp://u:p%40ss@h:5672/?heartbeat=0"
-    # Credentials in the URI win; credentials without a URI do not turn AMQP on (Go daemon bug 3).
+    # Credentials in the URI win; credentials without a URI do not turn AMQP on.
     assert load(AMQP_URI="amqp://a:b@h/", AMQP_USERNAME="u", AMQP_PASSWORD="p").amqp_uri == "amqp://a:b@h/"
     assert load(AMQP_USERNAME="u", AMQP_PASSWORD="p").amqp_uri is None
     message = error_of(AMQP_URI="http://u:secret@h/")
     assert "AMQP_URI" in message and "secret" not in message
     assert "connection_attempts" in error_of(AMQP_URI="amqp://h/?connection_attempts=x")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (True, "classic")),
+    ({"AMQP_DURABLE_QUEUE": "false"}, (False, "classic")),  # the Go daemon's auto-delete queue
+    ({"AMQP_QUEUE_TYPE": "quorum"}, (True, "quorum")),
+    ({"AMQP_QUEUE_TYPE": " Quorum ", "AMQP_DURABLE_QUEUE": "true"}, (True, "quorum")),
+    ({"AMQP_QUEUE_TYPE": "CLASSIC", "AMQP_DURABLE_QUEUE": "0"}, (False, "classic")),
+])
+def test_queue_settings(env, expected):
+    c = load(AMQP_URI="amqp://h/", **env)
+    assert (c.amqp_durable, c.amqp_queue_type) == expected
+
+
+def test_queue_settings_that_cannot_work():
+    message = error_of(AMQP_QUEUE_TYPE="stream")
+    assert "AMQP_QUEUE_TYPE='stream'" in message and "classic or quorum" in message
+    message = error_of(AMQP_QUEUE_TYPE="quorum", AMQP_DURABLE_QUEUE="false")
+    assert "AMQP_QUEUE_TYPE=quorum" in message and "AMQP_DURABLE_QUEUE=false" in message
 
 
 def test_runtime_env():
@@ -195,6 +214,29 @@ def test_runtime_env():
     assert "AWS_LAMBDA_MAX_CONCURRENCY" not in env
     assert load(AWS_LAMBDA_MAX_CONCURRENCY="2").runtime_env["AWS_LAMBDA_MAX_CONCURRENCY"] == "2"
     assert load(AWS_DEFAULT_REGION="ap-south-1").region == "ap-south-1"
+
+
+def test_reload_settings(tmp_path):
+    off = load()
+    assert off.reload_on_change is False and off.reload_dirs == ()
+    assert "PYTHONDONTWRITEBYTECODE" not in off.runtime_env
+    assert load(RELOAD_ON_CHANGE="false").reload_on_change is False
+    on = load(RELOAD_ON_CHANGE="true")
+    assert on.reload_on_change is True and on.reload_dirs == (str(ECHO_DIR),)  # the function's directory
+    # A .pyc is checked against its source's mtime in whole seconds: no stale bytecode after a quick edit.
+    assert on.runtime_env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert load(RELOAD_ON_CHANGE="1", PYTHONDONTWRITEBYTECODE="").runtime_env["PYTHONDONTWRITEBYTECODE"] == ""
+    (tmp_path / "lib").mkdir()
+    dirs = load(RELOAD_ON_CHANGE="yes", RELOAD_DIRS=f"{tmp_path / 'lib'}::{ECHO_DIR}:../echo-lambda:").reload_dirs
+    assert dirs == (str(ECHO_DIR), str(tmp_path / "lib"))  # relative to the daemon's directory, each once
+    assert error_of(RELOAD_ON_CHANGE="true", RELOAD_DIRS="/no/such") == "RELOAD_DIRS entry '/no/such' does not exist"
+    assert error_of(RELOAD_ON_CHANGE="true", RELOAD_DIRS="echo.py") == (
+        f"RELOAD_DIRS entry 'echo.py' ({ECHO_DIR / 'echo.py'}) is not a directory")
+    assert error_of(RELOAD_DIRS="/tmp") == "RELOAD_DIRS='/tmp' is set but RELOAD_ON_CHANGE is not true"
+    assert error_of(RELOAD_ON_CHANGE="off") == "RELOAD_ON_CHANGE='off' is not a boolean (use true/false/1/0/yes/no)"
+    assert load(RELOAD_DIRS="").reload_dirs == ()
+    with pytest.raises(cfg.ConfigError, match="would watch the whole file system"):
+        cfg.load(CMD, {**ENV, "RELOAD_ON_CHANGE": "true"}, cwd="/")
 
 
 def test_redact_uri():
@@ -224,13 +266,19 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> s
 @pytest.mark.parametrize("name,value", [
     ("MAX_CONCURRENCY", "0"), ("LOG_LEVEL", "LOUD"), ("PORT", "abc"), ("RUNTIME_API_PORT", "99999"),
     ("PRINT_REPORTS", "maybe"), ("ENABLE_OPENFAAS", "nah"), ("AWS_LAMBDA_FUNCTION_TIMEOUT", "-1"),
-    ("MAX_QUEUED_INVOCATIONS", "x"), ("AMQP_DURABLE_QUEUE", "2"),
+    ("MAX_QUEUED_INVOCATIONS", "x"), ("AMQP_DURABLE_QUEUE", "2"), ("AMQP_QUEUE_TYPE", "lazy"),
 ])
 def test_startup_error_bad_env(name, value):
     started = time.monotonic()
     done = run_daemon(RIC + ["echo.handler"], **{name: value})
     assert_one_line_error(done, name, value)
     assert time.monotonic() - started < 10
+
+
+def test_startup_error_quorum_queue_that_auto_deletes():
+    done = run_daemon(RIC + ["echo.handler"], AMQP_URI="amqp://127.0.0.1:5672/", AMQP_QUEUE_TYPE="quorum",
+                      AMQP_DURABLE_QUEUE="false")
+    assert_one_line_error(done, "AMQP_QUEUE_TYPE=quorum", "AMQP_DURABLE_QUEUE=false")
 
 
 def test_startup_error_missing_bootstrap():

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,8 @@ with open({str(record)!r}, "w") as f:
 
 def test_dockerfile_matches_the_example():
     text = (ECHO_DIR / "Dockerfile").read_text()
-    assert re.search(r"^FROM ubuntu:", text, re.M)
+    # Ubuntu by default; the base is a build argument (tests/test_containers.py builds from a local Debian).
+    assert re.search(r"^ARG BASE=ubuntu:", text, re.M) and re.search(r"^FROM \$\{BASE\}$", text, re.M)
     assert "python3 python3-pip" in text
     pinned = re.search(r"awslambdaric==([\d.]+)", text).group(1)
     assert f'"awslambdaric=={pinned}"' in (ROOT / "pyproject.toml").read_text()
@@ -393,7 +395,164 @@ def test_kubernetes_echo_lambda_is_what_the_daemon_accepts():
     auth = objects[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
     ref, = auth["spec"]["secretTargetRef"]
     uri = secrets[ref["name"]]["stringData"][ref["key"]]
-    assert uri.startswith(f"amqp://{env['AMQP_USERNAME']}:{env['AMQP_PASSWORD']}@rabbitmq:5672")
+    management, = [p for p in objects[("Service", "rabbitmq")]["spec"]["ports"] if p["name"] == "management"]
+    assert uri == f"http://{env['AMQP_USERNAME']}:{env['AMQP_PASSWORD']}@rabbitmq:{management['port']}/"
+
+
+def test_kubernetes_queue_settings_are_the_ones_scale_to_zero_needs():
+    """KEDA may take the function to zero replicas: its queue must outlive the last daemon (durable,
+    not auto-delete; a quorum queue, replicated), and the trigger must count what replicas hold
+    (unacknowledged), or a busy replica would look idle."""
+    from lambda_rapid import config
+
+    objects = manifests()
+    secrets = {name: doc for (kind, name), doc in objects.items() if kind == "Secret"}
+    function, = objects[("Deployment", "echo-lambda")]["spec"]["template"]["spec"]["containers"]
+    env = container_env(function, secrets)
+    scaled = objects[("ScaledObject", "echo-lambda")]["spec"]
+    assert scaled["minReplicaCount"] == 0
+    loaded = config.load(["python3", "-m", "awslambdaric", "echo.handler"], {**env, "PATH": os.environ["PATH"]},
+                         cwd=str(ECHO_DIR))
+    assert loaded.amqp_durable  # declared durable and not auto-delete
+    assert env["AMQP_QUEUE_TYPE"] == "quorum"
+    if hasattr(loaded, "amqp_queue_type"):  # the daemon's own reading, where it has the setting
+        assert str(getattr(loaded.amqp_queue_type, "value", loaded.amqp_queue_type)) == "quorum"
+    trigger, = scaled["triggers"]
+    assert trigger["metadata"]["protocol"] == "http"
+    assert trigger["metadata"].get("excludeUnacknowledged", "false") == "false"
+
+
+def manifest_daemon_env(function: str, **changes) -> dict:
+    """The echo-lambda container's environment from the manifests, for a daemon on this host: the
+    broker at 127.0.0.1 (guest), the function name given."""
+    objects = manifests()
+    secrets = {name: doc for (kind, name), doc in objects.items() if kind == "Secret"}
+    container, = objects[("Deployment", "echo-lambda")]["spec"]["template"]["spec"]["containers"]
+    env = container_env(container, secrets)
+    env.update(AWS_LAMBDA_FUNCTION_NAME=function, AMQP_USERNAME="guest", AMQP_PASSWORD="guest",
+               AMQP_URI=env["AMQP_URI"].replace("rabbitmq:5672", "127.0.0.1:5672"), **changes)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def test_kubernetes_queue_settings_carry_a_request_across_zero_replicas():
+    """Scale to zero, for real: the daemon with the manifest's queue settings consumes, stops (its last
+    replica gone), a request comes through the Lambda Server and waits in the queue, a daemon starts
+    again (KEDA's scale-up) and answers it. An auto-delete queue would be gone: 404."""
+    import pika
+
+    from amqp_support import BROKER, consumers, start_server, unique_name, wait_consumers
+
+    function = unique_name("k8s-zero")
+    server = start_server()
+    try:
+        first = start_daemon(**manifest_daemon_env(function))
+        wait_consumers(function)
+        first.stop()
+        assert first.proc.returncode == 0, first.stderr
+        assert consumers(function) == 0  # no replica, and the queue is still there
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(server.invoke, {"woke": "up"}, function, None, None, 60)
+            wait_until(lambda: queued(function) == 1, 15, interval=0.05, message="the request waiting in the queue")
+            second = start_daemon(**manifest_daemon_env(function))
+            try:
+                status, _, body = waiting.result(60)
+            finally:
+                second.stop()
+        assert (status, json.loads(body)) == (200, {"woke": "up"})
+
+        # The Go daemon's auto-delete queue (AMQP_DURABLE_QUEUE=false): gone with its last consumer.
+        plain = unique_name("k8s-zero-plain")
+        daemon = start_daemon(**manifest_daemon_env(plain, AMQP_DURABLE_QUEUE="false", AMQP_QUEUE_TYPE=None))
+        wait_consumers(plain)
+        daemon.stop()
+        assert consumers(plain) == -1
+        status, headers, _ = server.invoke({}, plain)
+        assert (status, headers["x-amzn-errortype"]) == (404, "ResourceNotFoundException")
+    finally:
+        server.stop()
+        with pika.BlockingConnection(pika.URLParameters(BROKER)) as conn:
+            conn.channel().queue_delete(function)
+
+
+def queued(queue: str) -> int:
+    """Messages ready in ``queue`` (a passive declare)."""
+    import pika
+
+    from amqp_support import BROKER
+
+    with pika.BlockingConnection(pika.URLParameters(BROKER)) as conn:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
+
+
+# KEDA's documented fields, https://keda.sh/docs/2.18/reference/scaledobject-spec/ and
+# https://keda.sh/docs/2.18/scalers/rabbitmq-queue/ (no schema of KEDA's ships in a package).
+KEDA_SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+                           "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced",
+                           "triggers"}
+KEDA_SCALE_TARGET_REF = {"apiVersion", "kind", "name", "envSourceContainerName"}
+KEDA_TRIGGER = {"type", "metadata", "name", "useCachedMetrics", "authenticationRef", "metricType"}
+KEDA_RABBITMQ_METADATA = {"host", "protocol", "mode", "value", "activationValue", "queueName", "vhostName",
+                          "hostFromEnv", "usernameFromEnv", "passwordFromEnv", "unsafeSsl", "timeout", "useRegex",
+                          "pageSize", "operation", "excludeUnacknowledged"}
+KEDA_RABBITMQ_MODES = {"QueueLength", "MessageRate", "DeliverGetRate", "PublishedToDeliveredRatio",
+                       "ExpectedQueueConsumptionTime"}
+KEDA_RABBITMQ_AUTH_PARAMETERS = {"host", "vhostName", "username", "password", "tls", "ca", "cert", "key"}
+
+
+def test_kubernetes_keda_objects_use_kedas_documented_fields():
+    objects = manifests()
+    secrets = {name: doc for (kind, name), doc in objects.items() if kind == "Secret"}
+    keda = {key: doc for key, doc in objects.items() if doc["apiVersion"] == "keda.sh/v1alpha1"}
+    assert {kind for kind, _ in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for (kind, name), doc in keda.items():
+        if kind != "ScaledObject":
+            continue
+        spec = doc["spec"]
+        assert set(spec) <= KEDA_SCALED_OBJECT_SPEC, name
+        assert set(spec["scaleTargetRef"]) <= KEDA_SCALE_TARGET_REF and spec["scaleTargetRef"]["name"]
+        assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+        assert ("Deployment", spec["scaleTargetRef"]["name"]) in objects
+        for field in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount"):
+            assert isinstance(spec.get(field, 0), int) and spec.get(field, 0) >= 0, field
+        assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
+        assert spec["triggers"]
+        for trigger in spec["triggers"]:
+            assert set(trigger) <= KEDA_TRIGGER and trigger["type"] == "rabbitmq"
+            metadata = trigger["metadata"]
+            assert set(metadata) <= KEDA_RABBITMQ_METADATA, set(metadata) - KEDA_RABBITMQ_METADATA
+            # The trigger's metadata is a map of strings: a YAML number there is refused by the CRD.
+            assert all(isinstance(v, str) for v in metadata.values()), metadata
+            assert metadata["queueName"] and metadata["mode"] in KEDA_RABBITMQ_MODES
+            assert metadata.get("protocol", "auto") in {"auto", "amqp", "http"}
+            float(metadata["value"])
+            auth = keda[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
+            assert set(auth["spec"]) == {"secretTargetRef"}
+            for ref in auth["spec"]["secretTargetRef"]:
+                assert set(ref) == {"parameter", "name", "key"} and ref["parameter"] in KEDA_RABBITMQ_AUTH_PARAMETERS
+                value = secrets[ref["name"]]["stringData"][ref["key"]]
+                if ref["parameter"] == "host":
+                    scheme = {"http": "http://", "amqp": "amqp://"}.get(metadata.get("protocol", "auto"), "")
+                    assert value.startswith(scheme) and value.count("/") >= 3, value  # KEDA wants the trailing /
+
+
+K8S_VERSIONS = ("1.25.0", "1.37.0")  # the oldest and newest Kubernetes schemas kubernetes-validate 1.37.0 ships
+
+
+def test_kubernetes_core_kinds_match_the_kubernetes_schemas():
+    import kubernetes_validate
+
+    checked = set()
+    for (kind, _), doc in manifests().items():
+        if doc["apiVersion"] in ("v1", "apps/v1"):
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or mistyped field
+            checked.add(kind)
+    assert checked == {"Deployment", "Service", "Secret"}
+    # strict: a misspelt field is an error, not ignored.
+    broken = manifests()[("Deployment", "echo-lambda")]
+    broken["spec"]["template"]["spec"]["initContainer"] = broken["spec"]["template"]["spec"].pop("initContainers")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
 
 
 def test_kubernetes_lambda_server_is_what_the_server_accepts():

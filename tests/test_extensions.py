@@ -128,10 +128,15 @@ def test_crashing_extension_fails_init_at_once(daemon_factory, tmp_path):
 
 
 def test_extension_init_error_fails_init_with_its_error(daemon_factory, tmp_path):
-    proc, _ = start(daemon_factory, tmp_path, ["initerr-conf"])
+    proc, log = start(daemon_factory, tmp_path, ["initerr-conf"])
     error = function_error(proc.invoke({}))
     assert error["errorType"] == "Extension.ConfigInvalid"
     assert "initerr-conf" in error["errorMessage"] and "missing API key" in error["errorMessage"]
+    # The extension gets its 202 before its process group is torn down (it exits by itself after it).
+    (answer,) = wait_until(lambda: log.records("init_error"), 10, message="the extension's answer to init/error")
+    assert answer["status"] == 202
+    (started,) = log.records("start")
+    wait_until(lambda: not alive(started["pid"]), 5, message="the extension to be gone")
 
 
 def test_every_misuse_gets_aws_error(daemon_factory, tmp_path):

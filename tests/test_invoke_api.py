@@ -1,5 +1,6 @@
-"""End-to-end tests of the Invoke API (SPEC section 3): the real daemon, the real awslambdaric, and
-boto3, the AWS CLI (v1), curl and raw HTTP as clients. Every row of the section 3 table is here.
+"""End-to-end tests of the Invoke API: the real daemon, the real awslambdaric, and boto3, the AWS CLI
+(v1), curl and raw HTTP as clients: names and qualifiers, invocation and log types, size limits,
+client context, request ids, AWS's error shapes, Event and DryRun, Tail, probes.
 """
 
 from __future__ import annotations

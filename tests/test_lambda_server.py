@@ -7,6 +7,7 @@ restart test stops RabbitMQ's app for a few seconds and always starts it again.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import subprocess
 import threading
@@ -18,15 +19,18 @@ import botocore.config
 import pytest
 
 from amqp_support import (
-    AMQP_URI,
+    amqp_daemon,
     metric,
+    queue_depth,
+    queues_deleted,
     rabbitmqctl,
+    rabbitmqctl_out,
     require_broker,  # noqa: F401  (autouse: fail clearly when RabbitMQ is not running)
     start_server,
     unique_name,
     wait_consumers,
 )
-from conftest import BIN, FUNCTIONS_DIR, RIC, free_port, wait_until
+from conftest import BIN, free_port, wait_until
 
 SUCCESS = 'lambda_invocations_total{outcome="success"}'
 
@@ -52,11 +56,11 @@ def client(url: str, read_timeout: float = 30.0):
                                                       read_timeout=read_timeout, connect_timeout=5))
 
 
-def amqp_daemon(daemon_factory, name: str, handler: str = "handlers.echo", **env):
-    proc = daemon_factory(RIC + [handler], cwd=FUNCTIONS_DIR, AWS_LAMBDA_FUNCTION_NAME=name, AMQP_URI=AMQP_URI,
-                          **env)
-    wait_consumers(name)
-    return proc
+@pytest.fixture(autouse=True)
+def _delete_queues():
+    """The daemons' queues are durable: gone after each test (after its daemons stopped)."""
+    with queues_deleted():
+        yield
 
 
 def ready_server(server_factory, **env):
@@ -270,5 +274,30 @@ def test_throttled_invoke_is_429_through_the_broker(daemon_factory, server_facto
         lam = client(server.url)
         with pytest.raises(lam.exceptions.TooManyRequestsException):
             lam.invoke(FunctionName=name, Payload=b'{"seconds": 0}')
+        status, headers, _ = server.invoke({"seconds": 0}, name=name)
+        # the daemon says when to retry (a runtime frees within one function timeout)
+        assert (status, headers["retry-after"]) == (429, "10")
     finally:
         first.join(20)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_the_queue_outlives_its_last_daemon(daemon_factory, server_factory, queue_type):
+    """Scale to zero (KEDA): with no daemon left, the function's queue stays, so the lambda-server
+    takes the requests that should wake one up instead of answering 404 (DryRun's passive declare
+    and the mandatory publish see the queue, of either type); a daemon that starts answers them."""
+    name = unique_name(f"srv-zero-{queue_type}")
+    amqp_daemon(daemon_factory, name, AMQP_QUEUE_TYPE=queue_type).stop()
+    server = ready_server(server_factory)
+    lam = client(server.url)
+    assert lam.invoke(FunctionName=name, InvocationType="DryRun")["StatusCode"] == 204
+    assert lam.invoke(FunctionName=name, InvocationType="Event", Payload=b'{"event": 1}')["StatusCode"] == 202
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lam.invoke, FunctionName=name, Payload=b'{"woke": 1}')
+        wait_until(lambda: queue_depth(name) == 2, 10, 0.05, "both requests waiting in the queue")
+        if queue_type == "classic":  # the Event was confirmed, so it must survive a broker restart
+            assert rabbitmqctl_out("list_queues", "name", "messages_persistent").count(f"{name}\t1") == 1
+        daemon = amqp_daemon(daemon_factory, name, AMQP_QUEUE_TYPE=queue_type)
+        r = waiting.result(30)
+    assert r["StatusCode"] == 200 and json.loads(r["Payload"].read()) == {"woke": 1}
+    wait_until(lambda: metric(daemon, SUCCESS) == 2, 10, message="the Event ran too")

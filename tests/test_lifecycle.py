@@ -1,4 +1,4 @@
-"""Lifecycle and observability (issue 3): idle scale-down, eager start, graceful shutdown, logs,
+"""Lifecycle and observability: idle scale-down, eager start, graceful shutdown, logs,
 reports, health, metrics, OpenFaaS and the init-container copy. Real daemon, real awslambdaric."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End-to-end tests of the instance pool (SPEC section 5) with the real daemon and awslambdaric:
+"""End-to-end tests of the instance pool with the real daemon and awslambdaric:
 on-demand spawn under bursts, longest-idle dispatch, the FIFO wait queue, timeouts that kill the
 whole process group, crashes, init errors, init timeouts and spawn failures, none of which may
 hang or wedge later invocations.
@@ -274,7 +274,7 @@ def test_spawn_failure_is_reported_and_does_not_wedge(daemon_factory, runnable_s
 
 
 def test_invocations_waiting_for_a_starting_instance_count_against_the_queue(daemon_factory, tmp_path):
-    # SPEC 13: MAX_QUEUED_INVOCATIONS counts everything not yet handed to a runtime, including the
+    # MAX_QUEUED_INVOCATIONS counts everything not yet handed to a runtime, including the
     # invocation waiting for the instance it caused to start.
     script = tmp_path / "slow-start"
     script.write_text(f"#!/bin/sh\nsleep 1.5\nexec {PYTHON} -m awslambdaric e2e_handlers.handler\n")

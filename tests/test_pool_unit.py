@@ -6,8 +6,9 @@ import asyncio
 import sys
 
 from lambda_rapid import config as config_module
+from lambda_rapid.instances import Instance
 from lambda_rapid.invocation import Invocation
-from lambda_rapid.pool import Instance, Pool, Waiter
+from lambda_rapid.pool import Pool, Waiter
 
 
 class Recorder(Waiter):
@@ -37,11 +38,11 @@ def test_runtimes_started_by_hand_are_not_bounded_by_max_concurrency():
             inv = Invocation(f"id-{n}", b"{}", arn=config.function_arn, on_done=lambda i, r: done.append(r))
             pool.submit(inv)
         assert [len(w.got) for w in waiters] == [1] * 100
-        assert pool.busy == 100
+        assert pool.demand.busy == 100
         for waiter in waiters:
             assert pool.respond(waiter.got[0].request_id, b'"ok"')
         assert [r.outcome for r in done] == ["success"] * 100
-        assert pool.busy == 0
-        assert pool.needed_instances() == 100
+        assert pool.demand.busy == 0
+        assert pool.instances.needed() == 100
     finally:
         loop.close()

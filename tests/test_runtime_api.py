@@ -1,6 +1,7 @@
-"""End-to-end tests of the Runtime API (SPEC section 4): what a runtime sees on /next, the status codes
-of /response, /error and /init/error, the environment each runtime gets, runtimes started by hand
-against the main RUNTIME_API_PORT, and AWS_LAMBDA_MAX_CONCURRENCY pass-through.
+"""End-to-end tests of the Runtime API: what a runtime sees on /next, the status codes of /response,
+/error and /init/error, the environment each runtime gets, runtimes started by hand against the
+main RUNTIME_API_PORT, and AWS_LAMBDA_MAX_CONCURRENCY pass-through.
+Reference: https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html
 
 The "hand runtime" tests play the runtime themselves with raw HTTP on the main Runtime API port; the
 daemon's own command there (``sleep``) never reaches /next, so every invocation goes to the test.

@@ -1,6 +1,8 @@
-"""Bad input and security (SPEC section 10) against the real daemon: garbage on the Invoke API port,
-the main Runtime API port and an instance's own Runtime API port; header limits; slow clients;
-bodies never fully sent; callers that go away; request ids taken from clients.
+"""Bad input and security against the real daemon: garbage on the Invoke API port, the main Runtime
+API port and an instance's own Runtime API port (answered 400 and closed, the daemon serving on);
+header limits (431 past 64 KiB); slow clients; bodies never fully sent; callers that go away;
+request ids taken from clients only when they are UUIDs not in flight. tests/test_zipapp.py runs
+this file again on the h11 parser (httptools hidden), as the single-file build runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Response streaming (SPEC section 3, last paragraph): InvokeWithResponseStream.
+"""Response streaming: InvokeWithResponseStream (bytes the runtime streams reach the caller as they
+come, framed as AWS's event stream; up to 200 MB; a slow caller slows the runtime down).
 
 The runtime side is played by the test over raw sockets on the main Runtime API port (a chunked
 POST with ``Lambda-Runtime-Function-Response-Mode: streaming``, as the Node.js runtime client sends
@@ -15,9 +16,11 @@ import json
 import os
 import queue
 import socket
+import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
@@ -422,3 +425,145 @@ def test_streaming_on_the_pure_python_parser():
                        cwd=root, env=env, capture_output=True, text=True, timeout=580)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+# ---- size and backpressure -------------------------------------------------------------------
+
+MB = 1024 * 1024
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size of a process, in bytes (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class EventStreamReader:
+    """A response-streaming invoke read from a raw socket: the chunked coding undone, the event
+    stream walked by its message lengths (cheap enough for 200 MB), payload bytes counted."""
+
+    def __init__(self, port: int, name: str, payload: bytes = b"{}", rcvbuf: int = 64 * 1024) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(30)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                          % (STREAM_PATH.format(name).encode(), len(payload), payload))
+        self.raw = bytearray()  # received, not yet de-chunked
+        self.events = bytearray()  # de-chunked event stream, not yet walked
+        self.payload_bytes = 0
+        self.complete = None  # InvokeComplete's JSON
+        self.head = b""
+
+    def read(self, size: int) -> bool:
+        """Read up to ``size`` bytes; False once the stream is over."""
+        data = self.sock.recv(size)
+        if not data:
+            return False
+        self.raw += data
+        if not self.head:
+            if b"\r\n\r\n" not in self.raw:
+                return True
+            self.head, _, rest = bytes(self.raw).partition(b"\r\n\r\n")
+            self.raw = bytearray(rest)
+        ended = False
+        while True:  # undo the chunked coding
+            end = self.raw.find(b"\r\n")
+            if end < 0:
+                break
+            size_of = int(self.raw[:end], 16)
+            if len(self.raw) < end + 2 + size_of + 2:
+                break
+            ended = size_of == 0
+            self.events += self.raw[end + 2:end + 2 + size_of]
+            del self.raw[:end + 2 + size_of + 2]
+            if ended:
+                break
+        while len(self.events) >= 12:  # walk the event stream
+            total, headers_length = struct.unpack(">II", self.events[:8])
+            if len(self.events) < total:
+                break
+            message = bytes(self.events[:total])
+            del self.events[:total]
+            payload = message[12 + headers_length:-4]
+            if b"InvokeComplete" in message[12:12 + headers_length]:
+                self.complete = json.loads(payload)
+            else:
+                self.payload_bytes += len(payload)
+        return not ended
+
+    def read_to_end(self) -> None:
+        while self.read(1 << 20):
+            pass
+        self.sock.close()
+
+
+def stream_in_background(port: int, request_id: str, total: int, piece: int = 256 * 1024) -> dict:
+    """The runtime's side: ``total`` bytes streamed in pieces from a thread; its result in the dict."""
+    out: dict = {}
+
+    def run() -> None:
+        stream = StreamingResponse(port, request_id)
+        stream.sock.settimeout(60)
+        block = bytes(range(256)) * (piece // 256)
+        sent = 0
+        while sent < total:
+            n = min(piece, total - sent)
+            stream.send(block[:n])
+            sent += n
+        out["reply"] = stream.finish()
+
+    out["thread"] = threading.Thread(target=run, daemon=True)
+    out["thread"].start()
+    return out
+
+
+def test_a_slow_reader_makes_the_daemon_read_the_stream_slower_not_buffer_it(hand):
+    """150 MB streamed to a caller that reads about 1 MB/s for 5 s, then fast: while the caller's
+    socket is full the daemon stops reading the runtime's /response, so its memory stays flat."""
+    proc, runtime = hand
+    pid = proc.proc.pid
+    total = 150 * MB
+    reader = EventStreamReader(proc.port, "st-fn")
+    _, headers, _ = runtime.next()
+    idle = rss_of(pid)
+    sender = stream_in_background(proc.runtime_port, headers["lambda-runtime-aws-request-id"], total)
+    peak = idle
+    slow_until = time.monotonic() + 5
+    while time.monotonic() < slow_until:  # ~1 MB/s: 64 KiB every 1/16 s
+        assert reader.read(64 * 1024)
+        peak = max(peak, rss_of(pid))
+        time.sleep(1 / 16)
+    assert reader.payload_bytes < 10 * MB  # it really was slow
+    while reader.read(1 << 20):
+        peak = max(peak, rss_of(pid))
+    sender["thread"].join(30)
+    assert sender["reply"].startswith(b"HTTP/1.1 202"), sender["reply"]
+    assert reader.payload_bytes == total and reader.complete == {}
+    assert peak - idle < 8 * MB, f"the daemon grew by {(peak - idle) / MB:.1f} MB while streaming"
+    print(f"daemon RSS: {idle / MB:.1f} MB idle, {peak / MB:.1f} MB at most while streaming")
+
+
+def test_streams_up_to_200_mb_and_past_that_response_size_too_large(hand):
+    proc, runtime = hand
+    limit = 200 * MB
+    assert limit == 209_715_200
+    for total, expected in ((limit, {}), (limit + 1, None)):
+        reader = EventStreamReader(proc.port, "st-fn")
+        _, headers, _ = runtime.next()
+        sender = stream_in_background(proc.runtime_port, headers["lambda-runtime-aws-request-id"], total,
+                                      piece=1 * MB)
+        reader.read_to_end()
+        sender["thread"].join(60)
+        if expected is not None:
+            assert reader.payload_bytes == total and reader.complete == expected
+            assert sender["reply"].startswith(b"HTTP/1.1 202"), sender["reply"]
+        else:
+            assert reader.complete == {
+                "ErrorCode": "Function.ResponseSizeTooLarge",
+                "ErrorDetails": "Response payload size exceeded maximum allowed payload size (209715200 bytes)."}
+            assert reader.payload_bytes <= limit
+            reply = sender["reply"]
+            assert reply.startswith(b"HTTP/1.1 413") and b"(209715200 bytes)" in reply, reply

@@ -39,15 +39,29 @@ def copy_self_to_tmp() -> int:
         import zipfile
 
         if not zipfile.is_zipfile(source):
-            # A pip console script or ``python -m`` would be copied without the package it needs.
-            return fail(f"KUBERNETES_INIT_CONTAINER copies the single-file build (bin/{PROG}, built by "
-                        f"tools/build_zipapp.py), but this daemon runs from {source}")
+            # A pip console script or ``python -m``: a copy would lack the package it imports.
+            return build_single_file_in_tmp()
     target = os.path.join("/tmp", os.path.basename(source))
     try:
         shutil.copy2(source, target)
     except OSError as e:
         return fail(f"cannot copy {source} to {target}: {e}")
     print(f"{PROG}: copied {source} to {target}", file=sys.stderr)
+    return 0
+
+
+def build_single_file_in_tmp() -> int:
+    """KUBERNETES_INIT_CONTAINER from a pip install: build the single file from the installed package."""
+    from pathlib import Path
+
+    from .singlefile import BuildError, build_installed_daemon
+
+    target = Path("/tmp", PROG)
+    try:
+        build_installed_daemon(target)
+    except (BuildError, OSError) as e:
+        return fail(f"KUBERNETES_INIT_CONTAINER: cannot build {target} from the installed package: {e}")
+    print(f"{PROG}: built {target} from the installed lambda_rapid {__version__}", file=sys.stderr)
     return 0
 
 

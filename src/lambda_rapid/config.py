@@ -13,6 +13,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+from .invoke.contract import ACCOUNT_ID as ACCOUNT_ID  # re-exported: the account of every ARN here
+from .invoke.contract import function_arn
+
 BOOTSTRAP_CANDIDATES = ("/var/task/bootstrap", "/opt/bootstrap", "/var/runtime/bootstrap")
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/?connection_attempts=20&retry_delay=10&heartbeat=0"
 LOG_LEVELS = {
@@ -25,7 +28,15 @@ LOG_LEVELS = {
 }
 # Variables that belong to the daemon's AMQP connection and must never reach the function.
 AMQP_SECRETS = ("AMQP_URI", "AMQP_USERNAME", "AMQP_PASSWORD")
-ACCOUNT_ID = "012345678912"
+# Function URL invoke modes, as AWS's FunctionUrlConfig.InvokeMode names them.
+FUNCTION_URL_INVOKE_MODES = ("BUFFERED", "RESPONSE_STREAM")
+# RabbitMQ queue types the function's queue can be (its x-queue-type); quorum queues are always
+# durable and never auto-delete (https://www.rabbitmq.com/docs/quorum-queues#feature-matrix).
+QUEUE_TYPES = ("classic", "quorum")
+# AWS_LAMBDA_INITIALIZATION_TYPE of a SnapStart function (what awslambdaric's bootstrap checks).
+SNAP_START = "snap-start"
+# AWS's TenancyConfig.TenantIsolationMode has one value (Lambda API Reference, TenancyConfig).
+TENANT_ISOLATION_MODES = ("PER_TENANT",)
 
 
 class ConfigError(Exception):
@@ -52,21 +63,45 @@ class Config:
     min_instances: int = 0
     max_queued: int = 1000
     runtime_max_concurrency: int = 1
+    # AWS_LAMBDA_MAX_CONCURRENCY is set: AWS's Lambda Managed Instances rules apply to extensions and
+    # the Telemetry API (sandbox/extensions_api.py, sandbox/telemetry.py).
+    managed_instances: bool = False
+    # AWS_LAMBDA_INITIALIZATION_TYPE as the runtime sees it (the user's value, else on-demand);
+    # "snap-start" turns on the SnapStart phases (sandbox/lifecycle.py).
+    initialization_type: str = "on-demand"
     amqp_uri: Optional[str] = None
-    amqp_durable: bool = False
+    # The function's queue outlives its daemons (KEDA scale-to-zero) and broker restarts; False is
+    # the Go daemon's non-durable auto-delete queue.
+    amqp_durable: bool = True
+    amqp_queue_type: str = "classic"
     print_reports: bool = False
     log_level: str = "INFO"
     structured_logging: bool = False
     enable_openfaas: bool = False
     kubernetes_init_container: bool = False
     extensions_dir: str = "/opt/extensions"
+    function_url_port: Optional[int] = None  # the Function URL listener (on invoke_host); None: off
+    function_url_invoke_mode: str = "BUFFERED"
+    reload_on_change: bool = False  # RELOAD_ON_CHANGE: replace the instances when the code changes
+    reload_dirs: tuple = ()  # what it watches (absolute): the function's directory, then RELOAD_DIRS
+    # TENANT_ISOLATION_MODE: "PER_TENANT" makes the function tenant-isolated (AWS's TenancyConfig);
+    # None: it is not.
+    tenant_isolation_mode: Optional[str] = None
     # The environment each runtime instance starts from (the daemon's own, minus AMQP secrets,
     # plus the Lambda defaults; user-set values win). Per-instance values are added at spawn.
     runtime_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def function_arn(self) -> str:
-        return f"arn:aws:lambda:{self.region}:{ACCOUNT_ID}:function:{self.function_name}"
+        return function_arn(self.region, self.function_name)
+
+    @property
+    def snap_start(self) -> bool:
+        return self.initialization_type == SNAP_START
+
+    @property
+    def tenant_isolated(self) -> bool:
+        return self.tenant_isolation_mode is not None
 
 
 # ---- value parsers: each names the variable and the bad value -------------------------------
@@ -163,6 +198,19 @@ def validate_amqp_uri(uri: str) -> None:
     for key in ("connection_attempts", "retry_delay", "heartbeat"):
         for value in query.get(key, []):
             parse_number(f"AMQP_URI {key}", value, integer=key == "connection_attempts")
+
+
+def parse_queue(env: Mapping[str, str]) -> tuple:
+    """(durable, queue type) of the function's queue from AMQP_DURABLE_QUEUE and AMQP_QUEUE_TYPE."""
+    durable = parse_bool("AMQP_DURABLE_QUEUE", env["AMQP_DURABLE_QUEUE"]) if "AMQP_DURABLE_QUEUE" in env else True
+    value = env.get("AMQP_QUEUE_TYPE", "classic")
+    queue_type = value.strip().lower()
+    if queue_type not in QUEUE_TYPES:
+        raise ConfigError(f"AMQP_QUEUE_TYPE={value!r} is not a queue type (use classic or quorum)")
+    if queue_type == "quorum" and not durable:
+        raise ConfigError("AMQP_QUEUE_TYPE=quorum needs a durable queue, but AMQP_DURABLE_QUEUE=false asks for "
+                          "an auto-delete one (RabbitMQ's quorum queues cannot be non-durable or auto-delete)")
+    return durable, queue_type
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -276,9 +324,12 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         amqp_uri = inject_amqp_credentials(amqp_uri, env.get("AMQP_USERNAME"), env.get("AMQP_PASSWORD"))
         validate_amqp_uri(amqp_uri)
     flags_bool = {}
-    for name in ("AMQP_DURABLE_QUEUE", "PRINT_REPORTS", "ENABLE_OPENFAAS"):
+    for name in ("PRINT_REPORTS", "ENABLE_OPENFAAS"):
         flags_bool[name] = parse_bool(name, env[name]) if name in env else False
+    durable, queue_type = parse_queue(env)
     structured = structured_logging_enabled(env)
+    function_url_port, function_url_mode = function_url_settings(env, invoke_port, runtime_port)
+    tenancy = tenancy_settings(env, function_url_port, min_inst)
 
     command, handler, run_cwd = resolve_command(args, env, cwd)
     name = env.get("AWS_LAMBDA_FUNCTION_NAME") or infer_function_name(handler)
@@ -289,6 +340,11 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
 
     runtime_env = build_runtime_env(env, name=name, version=version, memory=memory, region=region,
                                     handler=handler, cwd=run_cwd)
+    reload_dirs = reload_settings(env, cwd, run_cwd)
+    if reload_dirs:
+        # A .pyc records its source's mtime in whole seconds (and its size): an edit within the
+        # second after an import could otherwise bring the old code back in the fresh instance.
+        runtime_env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return Config(
         command=command, handler=handler, cwd=run_cwd,
         invoke_host=invoke_host, invoke_port=invoke_port,
@@ -296,13 +352,89 @@ def load(argv: Sequence[str], env: Mapping[str, str], cwd: Optional[str] = None)
         function_name=name, function_version=version, region=region,
         timeout=timeout, memory_size=memory, idle_timeout=idle, init_timeout=init_timeout,
         max_concurrency=max_conc, min_instances=min_inst, max_queued=max_queued,
-        runtime_max_concurrency=runtime_conc,
-        amqp_uri=amqp_uri, amqp_durable=flags_bool["AMQP_DURABLE_QUEUE"],
+        runtime_max_concurrency=runtime_conc, managed_instances="AWS_LAMBDA_MAX_CONCURRENCY" in env,
+        initialization_type=runtime_env["AWS_LAMBDA_INITIALIZATION_TYPE"],
+        amqp_uri=amqp_uri, amqp_durable=durable, amqp_queue_type=queue_type,
         print_reports=flags_bool["PRINT_REPORTS"], log_level=log_level, structured_logging=structured,
         enable_openfaas=flags_bool["ENABLE_OPENFAAS"],
         extensions_dir=env.get("LAMBDA_EXTENSIONS_DIR") or "/opt/extensions",
+        function_url_port=function_url_port, function_url_invoke_mode=function_url_mode,
+        reload_on_change=bool(reload_dirs), reload_dirs=reload_dirs,
+        tenant_isolation_mode=tenancy,
         runtime_env=runtime_env,
     )
+
+
+def function_url_settings(env: Mapping[str, str], invoke_port: int, runtime_port: int) -> tuple:
+    """(FUNCTION_URL_PORT or None, FUNCTION_URL_INVOKE_MODE)."""
+    mode = env.get("FUNCTION_URL_INVOKE_MODE")
+    if "FUNCTION_URL_PORT" not in env:
+        if mode is not None:
+            raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={mode!r} is set but FUNCTION_URL_PORT is not "
+                              "(set it to open the Function URL listener)")
+        return None, "BUFFERED"
+    port = parse_port("FUNCTION_URL_PORT", env["FUNCTION_URL_PORT"])
+    if port != 0 and port in (invoke_port, runtime_port):
+        which = "PORT (the Invoke API)" if port == invoke_port else "RUNTIME_API_PORT (the Runtime API)"
+        raise ConfigError(f"FUNCTION_URL_PORT={port} is already {which}; give the Function URL its own port")
+    mode = "BUFFERED" if mode is None else mode.strip().upper()
+    if mode not in FUNCTION_URL_INVOKE_MODES:
+        raise ConfigError(f"FUNCTION_URL_INVOKE_MODE={env['FUNCTION_URL_INVOKE_MODE']!r} is not an invoke mode "
+                          f"(use {' or '.join(FUNCTION_URL_INVOKE_MODES)})")
+    return port, mode
+
+
+def tenancy_settings(env: Mapping[str, str], function_url_port: Optional[int], min_instances: int) -> Optional[str]:
+    """TENANT_ISOLATION_MODE (None when unset). A tenant-isolated function has no Function URL, no
+    provisioned (here: pre-started) instances and no SnapStart: "Tenant isolation mode is not
+    supported with functions that use function URLs, provisioned concurrency, or SnapStart"
+    ("Tenant isolation", Supported features and limitations, AWS Lambda Developer Guide)."""
+    if "TENANT_ISOLATION_MODE" not in env:
+        return None
+    value = env["TENANT_ISOLATION_MODE"]
+    mode = value.strip().upper()
+    if mode not in TENANT_ISOLATION_MODES:
+        raise ConfigError(f"TENANT_ISOLATION_MODE={value!r} is not a tenant isolation mode (use PER_TENANT, "
+                          "or leave it unset for a function that is not tenant-isolated)")
+    if function_url_port is not None:
+        raise ConfigError("FUNCTION_URL_PORT cannot be used with TENANT_ISOLATION_MODE=PER_TENANT: AWS does not "
+                          "support function URLs on tenant-isolated functions")
+    if min_instances:
+        raise ConfigError(f"MIN_INSTANCES={min_instances} cannot be used with TENANT_ISOLATION_MODE=PER_TENANT: an "
+                          "instance serves one tenant, and AWS has no provisioned concurrency for tenant-isolated "
+                          "functions")
+    if env.get("AWS_LAMBDA_INITIALIZATION_TYPE", "").strip() == SNAP_START:
+        raise ConfigError("AWS_LAMBDA_INITIALIZATION_TYPE=snap-start cannot be used with "
+                          "TENANT_ISOLATION_MODE=PER_TENANT: AWS does not support SnapStart on tenant-isolated "
+                          "functions")
+    return mode
+
+
+def reload_settings(env: Mapping[str, str], cwd: str, task_root: str) -> tuple:
+    """The directories RELOAD_ON_CHANGE watches (the function's own, then RELOAD_DIRS, colon-separated,
+    relative ones from the daemon's working directory); () when it is off."""
+    dirs = env.get("RELOAD_DIRS") or ""
+    if "RELOAD_ON_CHANGE" not in env or not parse_bool("RELOAD_ON_CHANGE", env["RELOAD_ON_CHANGE"]):
+        if dirs:
+            raise ConfigError(f"RELOAD_DIRS={dirs!r} is set but RELOAD_ON_CHANGE is not true")
+        return ()
+    watched = [os.path.abspath(task_root)]
+    if not os.path.isdir(watched[0]):
+        raise ConfigError(f"RELOAD_ON_CHANGE: the function's directory {task_root!r} is not a directory")
+    if watched[0] == os.path.abspath(os.sep):
+        raise ConfigError("RELOAD_ON_CHANGE would watch the whole file system (the function runs from /): "
+                          "start the daemon in the function's directory")
+    for entry in dirs.split(":"):
+        if not entry:
+            continue
+        path = os.path.abspath(os.path.join(cwd, entry))
+        if not os.path.isdir(path):
+            where = "" if entry == path else f" ({path})"
+            missing = "does not exist" if not os.path.exists(path) else "is not a directory"
+            raise ConfigError(f"RELOAD_DIRS entry {entry!r}{where} {missing}")
+        if path not in watched:
+            watched.append(path)
+    return tuple(watched)
 
 
 def build_runtime_env(env: Mapping[str, str], *, name: str, version: str, memory: int, region: str,

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-SYNC_REQUEST_LIMIT = 6_291_456
-EVENT_REQUEST_LIMIT = 1_048_576
+SYNC_REQUEST_LIMIT = 6_291_456  # bytes of payload AWS takes for RequestResponse (and DryRun)
+EVENT_REQUEST_LIMIT = 1_048_576  # ... and for Event (invoke.contract.body_limit applies them)
 RESPONSE_LIMIT = 6_291_556
-STREAM_RESPONSE_LIMIT = 20_971_520  # AWS: streamed responses may be up to 20 MB
+# Streamed responses may be up to 200 MB (AWS raised it from 20 MB in 2025: "response streaming functions
+# can return payloads up to 200 MB", https://docs.aws.amazon.com/lambda/latest/dg/configuration-response-streaming.html).
+STREAM_RESPONSE_LIMIT = 209_715_200
 _COMPACT = (",", ":")  # AWS writes its error bodies without spaces
 
 
@@ -36,11 +38,20 @@ class ApiError:
 
 INVALID_REQUEST_CONTENT = ApiError(400, "InvalidRequestContentException", "User", "message")
 INVALID_PARAMETER_VALUE = ApiError(400, "InvalidParameterValueException", "User", "message")
+# A request member that breaks its constraint in the API model (length, pattern): AWS answers
+# "1 validation error detected: Value '...' at 'member' failed to satisfy constraint: ...". Not in
+# botocore's Lambda model, so boto3 raises a plain ClientError with this code.
+VALIDATION = ApiError(400, "ValidationException", "User", "message")
 RESOURCE_NOT_FOUND = ApiError(404, "ResourceNotFoundException", "User", "Message")
 REQUEST_TOO_LARGE = ApiError(413, "RequestEntityTooLargeException", "User", "message")
 TOO_MANY_REQUESTS = ApiError(429, "TooManyRequestsException", "User", "message", retry_after=True)
 SERVICE = ApiError(503, "ServiceException", "Service", "Message")
 BAD_GATEWAY = ApiError(502, "ServiceException", "Service", "Message")
+# "The afterRestore() runtime hook encountered an error" (botocore's Lambda model: 400, Type/Message).
+SNAP_START = ApiError(400, "SnapStartException", "User", "Message")
+# By x-amzn-ErrorType, for a door that relays another's refusal (ServiceException: the 503 one).
+API_ERRORS = {e.code: e for e in (INVALID_REQUEST_CONTENT, INVALID_PARAMETER_VALUE, VALIDATION, RESOURCE_NOT_FOUND,
+                                  REQUEST_TOO_LARGE, TOO_MANY_REQUESTS, SERVICE, SNAP_START)}
 
 
 def throttled_body() -> bytes:
@@ -76,10 +87,9 @@ def exit_error(request_id: str, status: str) -> bytes:
                           f"RequestId: {request_id} Error: Runtime exited with error: {status}")
 
 
-def response_too_large_error() -> bytes:
-    return function_error(
-        "Function.ResponseSizeTooLarge",
-        f"Response payload size exceeded maximum allowed payload size ({RESPONSE_LIMIT} bytes).")
+def response_too_large_error(limit: int = RESPONSE_LIMIT) -> bytes:
+    return function_error("Function.ResponseSizeTooLarge",
+                          f"Response payload size exceeded maximum allowed payload size ({limit} bytes).")
 
 
 def spawn_error(request_id: str, reason: str) -> bytes:

@@ -4,6 +4,7 @@ Result it ends with. Neither knows about HTTP or AMQP: a front door attaches ``o
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import time
@@ -30,6 +31,16 @@ def new_request_id() -> str:
     the PRNG avoids a getrandom() system call per invocation."""
     h = f"{(_bits(128) & _UUID_CLEAR) | _UUID_SET:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_INVOCATION_PREFIX = new_request_id()[:24]  # "8-4-4-4-" of a random UUID, drawn once per daemon
+_invocation_count = itertools.count(1)
+
+
+def new_invocation_id() -> str:
+    """A fresh ``Lambda-Runtime-Invocation-Id`` (one per hand-over to a runtime): UUID-shaped, a random
+    per-daemon prefix and a counter, so it never repeats within a daemon and costs no random draw."""
+    return f"{_INVOCATION_PREFIX}{next(_invocation_count):012x}"
 
 
 def is_uuid(text: str) -> bool:
@@ -63,12 +74,13 @@ class Invocation:
 
     __slots__ = ("request_id", "payload", "client_context", "trace_id", "invocation_type", "tail",
                  "qualifier", "arn", "on_done", "done", "instance", "deadline_ms",
-                 "queued_at", "started_at", "log", "on_chunk")
+                 "queued_at", "started_at", "log", "on_chunk", "stream_content_type", "observed",
+                 "init_duration_ms", "invocation_id", "tenant_id")
 
     def __init__(self, request_id: str, payload: bytes, *, arn: str, client_context: Optional[str] = None,
                  trace_id: Optional[str] = None, invocation_type: str = "RequestResponse", tail: bool = False,
-                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None
-                 ) -> None:
+                 qualifier: Optional[str] = None, on_done: Optional[Callable[[Invocation, Result], None]] = None,
+                 tenant_id: Optional[str] = None) -> None:
         self.request_id = request_id
         self.payload = payload
         self.client_context = client_context
@@ -86,6 +98,15 @@ class Invocation:
         self.log: Optional[bytearray] = None  # this invocation's log lines (kept when someone reads them)
         # Set by a front door that streams the response: gets the bytes a runtime streams, as they come.
         self.on_chunk: Optional[Callable[[bytes], None]] = None
+        self.stream_content_type: Optional[str] = None  # the Content-Type of the runtime's streamed /response
+        self.observed = False  # the sandbox asked for this invocation's Report (telemetry subscribers)
+        # The cold start of its instance, if it is the first one there: the init, or for a SnapStart
+        # instance (``instance.restored``) the restore.
+        self.init_duration_ms: Optional[float] = None
+        # Lambda-Runtime-Invocation-Id of its current hand-over to a runtime (None until handed over):
+        # an answer that echoes another one is stale (sandbox/runtime_api.py).
+        self.invocation_id: Optional[str] = None
+        self.tenant_id = tenant_id  # X-Amz-Tenant-Id of a tenant-isolated function's invocation
 
     @property
     def is_event(self) -> bool:
@@ -99,11 +120,13 @@ class Invocation:
         if len(buf) > 2 * TAIL_BYTES:
             del buf[:-TAIL_BYTES]
 
-    def stream(self, data: bytes) -> None:
-        """A piece of a streamed response; dropped once the invocation has ended (timed out, crashed)."""
+    def stream(self, data: bytes) -> Optional[object]:
+        """A piece of a streamed response; dropped once the invocation has ended (timed out, crashed).
+        Returns what ``on_chunk`` returns: the caller's request while its socket is full (backpressure)."""
         callback = self.on_chunk
         if callback is not None and not self.done:
-            callback(data)
+            return callback(data)
+        return None
 
     def finish(self, result: Result) -> None:
         """Deliver the result once; later calls (a late response after a timeout) are ignored."""

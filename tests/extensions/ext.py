@@ -4,7 +4,7 @@
 rec-*        registers for INVOKE and SHUTDOWN and records every event
 silent-*     never registers (sleeps)
 crash-*      exits with status 3 before registering
-initerr-*    registers, then posts /extension/init/error
+initerr-*    registers, posts /extension/init/error, reads the answer 0.1 s later, records it, exits
 probe-*      tries every misuse of the API, records the answers, then behaves like rec-*
 many-*       registers 11 extensions under made-up names (the 11th must be refused)
 telemetry-*  like rec-*, and subscribes to the Telemetry API (logs-*: to the Logs API); records what it gets
@@ -13,9 +13,15 @@ deaf-*       like telemetry-*, but its listener accepts connections and never an
 tcp-*        like telemetry-*, with a TCP destination (NDJSON)
 die-*        like rec-*, but the first one started exits with status 1 on its first INVOKE
 busy-*       like rec-*, but after each INVOKE it works BUSY_SECONDS before its next event/next
+linger-*     like telemetry-*, but after SHUTDOWN it waits LINGER_SECONDS (default 1) for the last
+             telemetry before it exits, as AWS's sample extensions do
+lmi-*        for Lambda Managed Instances: records the answers to registering for INVOKE, to a Telemetry
+             subscription with schema 2022-12-13 and to the Logs API, then registers for SHUTDOWN only
+             and subscribes with schema 2025-01-29 (records what it gets, like telemetry-*)
 
 Records are JSON lines appended to $EXT_LOG: {"ext", "pid", "what", ...}.
 """
+import http.client
 import json
 import os
 import socket
@@ -114,6 +120,8 @@ def event_loop(ident, on_first_invoke=None):
             first = False
             on_first_invoke()
         if event["eventType"] == "SHUTDOWN":
+            if KIND == "linger":
+                time.sleep(float(os.environ.get("LINGER_SECONDS", "1")))
             record("exit")
             sys.exit(0)
         if KIND == "die" and not died_before():
@@ -178,6 +186,11 @@ def subscribe(ident):
         body["destination"] = {"protocol": "TCP", "URI": f"localhost:{port}"}
     if api.startswith("/2022"):
         body["schemaVersion"] = "2022-12-13"
+    if KIND == "lmi":
+        headers = {"Lambda-Extension-Identifier": ident}
+        record("lmi_old_schema", answer=answer(*_sb(call("PUT", api, body, headers))))
+        record("lmi_logs_api", answer=answer(*_sb(call("PUT", "/2020-08-15/logs", body, headers))))
+        body["schemaVersion"] = "2025-01-29"
     status, _, answer_body = call("PUT", api, body, {"Lambda-Extension-Identifier": ident})
     record("subscribed", status=status, body=answer_body.decode())
 
@@ -199,18 +212,22 @@ def main():
         def late():
             record("late", answer=answer(*_sb(register(name="late-comer", events=("INVOKE",)))))
         event_loop(ident, late)
-    status, headers, body = register()
+    if KIND == "lmi":
+        record("lmi_invoke", answer=answer(*_sb(register())))
+    status, headers, body = register(events=("SHUTDOWN",) if KIND == "lmi" else ("INVOKE", "SHUTDOWN"))
     ident = headers["lambda-extension-identifier"]
     record("registered", status=status, body=json.loads(body), id=ident)
     print(f"[{NAME}] registered", flush=True)
     if KIND == "initerr":
-        status, _, body = call("POST", "/2020-01-01/extension/init/error",
-                               {"errorMessage": "missing API key", "errorType": "Extension.ConfigInvalid"},
-                               {"Lambda-Extension-Identifier": ident,
-                                "Lambda-Extension-Function-Error-Type": "Extension.ConfigInvalid"})
-        record("init_error", status=status)
-        time.sleep(3600)
-    if KIND in ("telemetry", "logs", "stall", "deaf", "tcp"):
+        conn = http.client.HTTPConnection(API, timeout=30)
+        conn.request("POST", "/2020-01-01/extension/init/error",
+                     json.dumps({"errorMessage": "missing API key", "errorType": "Extension.ConfigInvalid"}),
+                     {"Lambda-Extension-Identifier": ident,
+                      "Lambda-Extension-Function-Error-Type": "Extension.ConfigInvalid"})
+        time.sleep(0.1)  # it reads the answer a little later, as a busy extension may
+        record("init_error", status=conn.getresponse().status)
+        sys.exit(0)  # AWS: the extension should exit after it receives the response
+    if KIND in ("telemetry", "logs", "stall", "deaf", "tcp", "linger", "lmi"):
         subscribe(ident)
     event_loop(ident)
 

@@ -2,11 +2,13 @@
 
 With this folder on PYTHONPATH every Python process (pytest, the daemons it starts, their
 runtimes) behaves as if those C extensions were not installed, so the daemon runs on the default
-asyncio loop and ``lambda_rapid.http.pyparser``, exactly as ``bin/lambda-runtime-api-daemon`` does:
+asyncio loop and h11 (``lambda_rapid.http.h11_parser``), exactly as ``bin/lambda-runtime-api-daemon``
+does:
 
-    PYTHONPATH=tools/pure-python .venv/bin/pytest -q tests --ignore tests/test_httpparser.py
+    PYTHONPATH=tools/pure-python .venv/bin/pytest -q tests --ignore tests/test_httpparser.py \
+        --ignore tests/test_httpserver.py
 
-(test_httpparser.py compares against httptools, so it needs the real one.)
+(those two compare h11 against httptools, so they need the real one.)
 """
 
 import sys

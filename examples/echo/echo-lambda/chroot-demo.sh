@@ -10,15 +10,15 @@
 # Unlike a container, the chroot shares this host's network: RUNTIME_API_PORT (default 9001) and
 # AMQP_URI are passed on when set.
 #
-# Needs root, debootstrap (apt-get install debootstrap) and a Debian mirror. The first run takes
-# a few minutes; the root filesystem is kept in $ROOTFS (default /tmp/echo-lambda-rootfs).
+# Needs root, debootstrap (apt-get install debootstrap) and a Debian mirror: MIRROR, by default the
+# one this machine's apt uses for bookworm (scripts/debian-mirror.sh). The first run takes a few
+# minutes; the root filesystem is kept in $ROOTFS (default /tmp/echo-lambda-rootfs).
 #   ./chroot-demo.sh            build if needed, then serve
 #   ./chroot-demo.sh --build    build only
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 DAEMON="$HERE/../../../bin/lambda-runtime-api-daemon"
 ROOTFS=${ROOTFS:-/tmp/echo-lambda-rootfs}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PORT=${PORT:-8080}
 RUN_AS=${RUN_AS:-65534:65534}
 
@@ -36,6 +36,7 @@ if [ ! -f "$ROOTFS/.echo-lambda-ready" ]; then
     echo "chroot-demo.sh: $ROOTFS is an unfinished build: remove it (rm -r $ROOTFS) and run again" >&2
     exit 1
   fi
+  MIRROR=${MIRROR:-$("$HERE/../../../scripts/debian-mirror.sh" bookworm)}
   # FROM + RUN apt-get install python3 python3-pip
   debootstrap --variant=minbase --include=python3,python3-pip bookworm "$ROOTFS" "$MIRROR"
   # RUN pip3 install awslambdaric (with this host's DNS and CA bundle, for its package proxy)

@@ -5,11 +5,15 @@
 # AMQP_URI defaults to a RabbitMQ broker on this host; set AMQP_URI= (empty) for HTTP only.
 # AMQP_USERNAME / AMQP_PASSWORD, when set, are passed on (RabbitMQ's guest user may only log in
 # from localhost, and a container is not localhost to the broker).
+# A broker that listens on loopback only (as on this project's test machines) is out of this
+# container's reach: the daemon serves HTTP and keeps retrying; for AMQP-RPC run the image with
+# --network host and AMQP_URI=amqp://127.0.0.1:5672/ (the README's "Containers" section).
+# DOCKER: the engine's command (default docker; e.g. DOCKER=podman). PORT: the host port (8080).
 cp ${PWD}/../../../bin/lambda-runtime-api-daemon .
 
-docker run --rm  \
+${DOCKER:-docker} run --rm  \
   -u $(id -u):$(id -g) \
-  -p 8080:8080 \
+  -p ${PORT:-8080}:8080 \
   -v ${PWD}/lambda-runtime-api-daemon:/usr/local/bin/aws-lambda-rie \
   -e AWS_LAMBDA_FUNCTION_NAME=echo-lambda \
   -e AMQP_USERNAME -e AMQP_PASSWORD \

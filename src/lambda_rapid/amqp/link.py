@@ -5,80 +5,27 @@ the connect / set-up / lost / reconnect cycle only: the URI's ``connection_attem
 ``retry_delay`` (pika's meanings) pace the first attempts, after which it keeps trying in the
 background with a capped backoff and never gives up. What to declare and consume on a fresh channel
 is the owner's ``setup``; what to do with work tied to a dead channel is the owner's ``on_lost``.
-It never logs a password (URIs go through ``config.redact_uri``) and imports aio-pika, so nothing
-on the HTTP-only path may import it.
+Before its first connection it installs ``aiormq_tuning``'s batched writer. It never logs a
+password (URIs go through ``config.redact_uri``) and imports aio-pika, so nothing on the HTTP-only
+path may import it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import urllib.parse
 from typing import Awaitable, Callable, Optional
 
 import aio_pika
-import aiormq
-import aiormq.connection
-from aiormq.abc import ChannelFrame
 
 from ..config import redact_uri
+from .aiormq_tuning import coalesce_writes
 
-log = logging.getLogger("lambda_rapid.amqp")
+log = logging.getLogger(__name__)
 
-# aiormq (6.8 and 7) can hand a frame to its writer without waiting for the socket to drain: one
-# task switch less per publish and per ack on the hot paths. The check keeps older aiormq working.
-NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 MAX_BACKOFF = 30.0  # seconds between attempts once connection_attempts are used up
 CONNECT_TIMEOUT = 10.0
-
-
-class CoalescingFrames(aiormq.connection.FrameGenerator):
-    """aiormq's connection writer, fed one write per *batch*: whatever frames the channels queued
-    in the same loop turn (a reply and the acks piggy-backed on it, several publishes) go out in
-    one socket write instead of one each. Each ``ChannelFrame`` is already marshalled by aiormq;
-    this only joins their bytes, in queue order. A frame that closes the connection, or one
-    queued behind the first that waits for the drain, is sent on its own as aiormq does.
-    On a loopback socket a write is the largest single cost per message (~40 us of CPU)."""
-
-    def __init__(self, queue: asyncio.Queue) -> None:
-        super().__init__(queue)
-        self.held: Optional[ChannelFrame] = None
-
-    async def __anext__(self) -> ChannelFrame:
-        frame = self.held
-        if frame is not None and not self.close_event.is_set():
-            self.held = None
-        else:
-            frame = await super().__anext__()
-        queue = self.queue
-        if frame.should_close or queue.empty():
-            return frame
-        parts = [frame.payload]
-        while not queue.empty():
-            queued = queue.get_nowait()
-            queue.task_done()
-            if queued.should_close or queued.drain_future is not None:
-                self.held = queued
-                break
-            parts.append(queued.payload)
-        if len(parts) == 1:
-            return frame
-        return ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=frame.drain_future)
-
-
-def _coalesce_writes() -> bool:
-    """Make aiormq's writer use ``CoalescingFrames`` (aiormq 6.8 and 7 build it by this name)."""
-    generator = getattr(aiormq.connection, "FrameGenerator", None)
-    fields = getattr(ChannelFrame, "__dataclass_fields__", {})
-    if generator is None or not {"payload", "should_close", "drain_future"} <= set(fields):
-        return False
-    if generator is not CoalescingFrames:
-        aiormq.connection.FrameGenerator = CoalescingFrames
-    return True
-
-
-COALESCING = _coalesce_writes()
 
 
 def header_text(value: object) -> Optional[str]:
@@ -94,7 +41,7 @@ def split_uri(uri: str) -> tuple:
     """(uri for aio-pika, connection_attempts, retry_delay) with pika's defaults (1 attempt, 2 s).
 
     ``heartbeat`` stays in the URI: aiormq reads it, and ``heartbeat=0`` turns heartbeats off as in
-    pika (the Go daemon's client took 0 to mean "the server's value", bug 20).
+    pika (not "use the server's value", as some clients read 0).
     """
     parts = urllib.parse.urlsplit(uri)
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
@@ -137,6 +84,7 @@ class BrokerLink:
         return self.underlay is not None
 
     def start(self) -> None:
+        coalesce_writes()  # the connections opened from now on write one batch per loop turn
         self._task = asyncio.get_event_loop().create_task(self._run(), name=f"amqp-{self.name}")
 
     def delay(self, failures: int) -> float:

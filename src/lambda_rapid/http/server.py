@@ -1,28 +1,49 @@
 """A small, fast HTTP/1.1 server on asyncio protocols and httptools (llhttp) callbacks.
 
 It owns framing only: parsing, keep-alive, pipelining order, limits (header bytes, body bytes, slow
-clients) and writing responses. It knows nothing about Lambda: each complete request goes to the
-application's ``handle(request)``, which answers now or later with ``request.respond(...)``. No
-task or future is created per request; the hot path is a handful of callbacks.
+clients), flow control and writing responses. It knows nothing about Lambda: each complete request
+goes to the application's ``handle(request)``, which answers now or later with
+``request.respond(...)``. No task or future is created per request; the hot path is a handful of
+callbacks.
+
+The parser is httptools when it is installed; without it (the single-file build carries no C
+extensions) ``h11_parser``, which runs h11 behind httptools' interface, so one connection class
+serves both. ``BACKEND`` says which one this process uses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import select
+import socket
+import struct
+import termios
 import time
 from collections import deque
 from http import HTTPStatus
+from types import ModuleType
 from typing import Callable, Optional
 
 try:
-    import httptools
-except ImportError:  # the single-file build carries no C extensions: same interface in pure Python
-    from . import pyparser as httptools  # type: ignore[no-redef]
+    import httptools as BACKEND
+except ImportError:  # no C extensions (single-file build): h11, behind the same interface
+    from . import h11_parser as BACKEND
 
-log = logging.getLogger("lambda_rapid.http")
+log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 65536
+# An unfinished request head is refused (431) once this much of it is buffered: a header that
+# never ends must not grow without bound until the request timeout.
+MAX_PARTIAL_HEAD = MAX_HEADER_BYTES + 4096
+# While draining, an idle kept-alive connection is closed once it has been idle this long with no
+# request bytes waiting: a client that was about to reuse it has sent by then (and a client that
+# reuses one later sees it closed first: urllib3, Go's and Node's clients check before reusing).
+IDLE_LINGER = 1.0
+# Why a connection stopped reading (pause_reading): bits, reading resumes when none is left.
+_PIPELINED = 1  # requests wait behind the one being answered
+_SINK_FULL = 2  # the body goes to a connection whose send buffer is full (a streamed answer)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _JSON = b"content-type: application/json\r\n"
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -105,10 +126,24 @@ class Request:
         ``on_abandon`` still fires if the client goes away before ``end``."""
         self.conn.start_stream(self, status, headers)
 
-    def write(self, data: bytes) -> None:
-        """One piece of a streamed answer, sent at once (as one chunk)."""
+    def write(self, data: bytes) -> Optional[Request]:
+        """One piece of a streamed answer, sent at once (as one chunk). Returns this request when
+        the client's socket is full (the transport's buffer is over its high-water mark): a
+        producer should stop until ``when_drained`` calls back; None otherwise."""
         if data and not self.answered:
-            self.conn.write_chunk(data)
+            conn = self.conn
+            conn.write_chunk(data)
+            if conn.write_paused:
+                return self
+        return None
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the client's socket takes more again (or the client is gone)."""
+        conn = self.conn
+        if conn.write_paused and not conn.closed:
+            conn.drain_waiters.append(callback)
+        else:
+            callback()
 
     def end(self) -> None:
         """Finish a streamed answer."""
@@ -121,13 +156,14 @@ class Request:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "app", "transport", "parser", "current", "active", "pending", "started",
-                 "idle_since", "header_bytes", "url_parts", "context", "closed", "peer", "upgrading")
+                 "idle_since", "header_bytes", "url_parts", "context", "closed", "peer", "upgrading",
+                 "partial_head", "ended", "paused", "write_paused", "drain_waiters")
 
     def __init__(self, server: HttpServer, context: object = None) -> None:
         self.server = server
         self.app = server.app
         self.transport: Optional[asyncio.Transport] = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = server.backend.HttpRequestParser(self)
         self.current: Optional[Request] = None
         self.active: Optional[Request] = None
         self.pending: deque = deque()
@@ -139,6 +175,11 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.peer = None
         self.upgrading: Optional[Request] = None  # a request asking for Upgrade, parsed again without it
+        self.partial_head = 0  # bytes received while a request head is unfinished
+        self.ended = False  # a request without keep-alive was read: nothing after it is served
+        self.paused = 0  # why reading is paused (_PIPELINED, _SINK_FULL bits)
+        self.write_paused = False  # the transport's send buffer is over its high-water mark
+        self.drain_waiters: list = []  # called when it is below again
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,13 +192,14 @@ class HttpConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except _StopParsing:
-            pass
-        except httptools.HttpParserCallbackError as e:
+            return
+        except self.server.backend.HttpParserCallbackError as e:  # (looked up only when raised)
             if isinstance(e.__context__, _StopParsing):
                 return
             log.exception("error while handling a request from %s", self.peer)
             self._fail(500, "internal error")
-        except httptools.HttpParserUpgrade as e:
+            return
+        except self.server.backend.HttpParserUpgrade as e:
             request, self.upgrading = self.upgrading, None
             if request is None:
                 self._fail(400, "protocol upgrades are not supported")
@@ -165,11 +207,20 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9110 7.8: a server may ignore Upgrade (curl --http2 asks for h2c on every request).
             # Parse the request again as plain HTTP/1.1 without its upgrade headers, then the rest.
             self.current = None
-            self.parser = httptools.HttpRequestParser(self)
+            self.parser = self.server.backend.HttpRequestParser(self)
             self.data_received(_without_upgrade(request, b"".join(self.url_parts)) + data[e.args[0]:])
-        except httptools.HttpParserError as e:
+            return
+        except self.server.backend.HttpParserError as e:
+            if self.ended:
+                return  # bytes after a request without keep-alive: it is answered, then the connection closes
             log.info("bad HTTP from %s: %s", self.peer, e)
             self._fail(400, "malformed HTTP request")
+            return
+        current = self.current
+        if current is not None and not current.method:  # a head still unfinished
+            self.partial_head += len(data)
+            if self.partial_head > MAX_PARTIAL_HEAD:
+                self._fail(431, "request headers too large")
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
@@ -178,6 +229,7 @@ class HttpConnection(asyncio.Protocol):
         requests.extend(self.pending)
         self.active = None
         self.pending.clear()
+        self._drained()  # a producer paused for this connection goes on (its bytes go nowhere now)
         for request in requests:
             if request.on_abandon is not None and not request.answered:
                 request.answered = True
@@ -186,10 +238,39 @@ class HttpConnection(asyncio.Protocol):
                 except Exception:
                     log.exception("error while abandoning a request")
 
-    # ---- httptools callbacks -----------------------------------------------------------------
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._drained()
+
+    def _drained(self) -> None:
+        waiters = self.drain_waiters
+        if waiters:
+            self.drain_waiters = []
+            for callback in waiters:
+                callback()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _sink_drained(self) -> None:
+        self._resume(_SINK_FULL)
+
+    # ---- parser callbacks (httptools', or h11_parser's with the same shape) -------------------
     def on_message_begin(self) -> None:
         self.current = Request(self)
         self.header_bytes = 0
+        self.partial_head = 0
         self.url_parts = []
         self.started = self.server.now or 1.0
 
@@ -245,7 +326,10 @@ class HttpConnection(asyncio.Protocol):
             return
         if request.on_chunk is not None:  # type: ignore[union-attr]
             self.started = self.server.now or 1.0  # a streamed body times out between pieces, not overall
-            request.on_chunk(body)  # type: ignore[union-attr]
+            sink = request.on_chunk(body)  # type: ignore[union-attr]
+            if sink is not None:  # its consumer's socket is full: read no more until it drains
+                self._pause(_SINK_FULL)
+                sink.when_drained(self._sink_drained)
             return
         request._parts.append(body)  # type: ignore[union-attr]
 
@@ -254,6 +338,8 @@ class HttpConnection(asyncio.Protocol):
         assert request is not None
         self.current = None
         self.started = 0.0
+        if not request.keep_alive:
+            self.ended = True
         if request is self.upgrading:
             return  # not dispatched: data_received parses it again without the upgrade
         parts = request._parts
@@ -265,12 +351,14 @@ class HttpConnection(asyncio.Protocol):
             self.app.handle(request)
         else:
             self.pending.append(request)
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self._pause(_PIPELINED)
 
     # ---- writing -----------------------------------------------------------------------------
     def write_response(self, request: Request, status: int, headers: bytes, body: bytes, close: bool) -> None:
         if self.closed:
             return
+        if self.server.draining and self._last_request():
+            request.keep_alive = False
         close = close or not request.keep_alive
         head = b"".join((
             _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
@@ -293,6 +381,8 @@ class HttpConnection(asyncio.Protocol):
     def start_stream(self, request: Request, status: int, headers: bytes) -> None:
         if self.closed:
             return
+        if self.server.draining and self._last_request():
+            request.keep_alive = False
         self.transport.write(b"".join((  # type: ignore[union-attr]
             _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
             headers,
@@ -325,9 +415,21 @@ class HttpConnection(asyncio.Protocol):
         if self.pending and self.active is None:
             nxt = self.pending.popleft()
             if not self.pending:
-                transport.resume_reading()
+                self._resume(_PIPELINED)
             self.active = nxt
             self.app.handle(nxt)
+
+    def _last_request(self) -> bool:
+        """Whether the request being answered is the last one this connection has: none queued,
+        none begun, no byte of another waiting in the socket. Only then may a draining server
+        answer it with ``connection: close`` and close: a request already sent gets its answer."""
+        if self.pending or self.current is not None:
+            return False
+        return unread_bytes(self.transport) == 0
+
+    def idle(self) -> bool:
+        """No request on this connection: none being answered, queued, begun or waiting unread."""
+        return self.active is None and self._last_request()
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request we could not parse or accept, then close the connection."""
@@ -345,17 +447,57 @@ class HttpConnection(asyncio.Protocol):
         self._fail(408, "request timeout")
 
 
-class HttpServer:
-    """Listeners sharing one application, connection set and housekeeping timer."""
+def unread_bytes(transport: Optional[asyncio.BaseTransport]) -> int:
+    """Bytes the peer has sent that are still in the kernel's receive queue (0 without a socket)."""
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):  # closed, or not a socket (a test's transport)
+        return 0
 
-    def __init__(self, app, *, request_timeout: float = 30.0, idle_timeout: Optional[float] = None) -> None:
+
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: BPF_RET | BPF_K, 0 (keep no byte)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def _refuse_new_connections(listener: socket.socket) -> None:
+    """Let no new connection into ``listener``'s accept queue while it is emptied before closing
+    (Linux: a socket filter that drops every packet, so SYNs go unanswered; the client's retry
+    then finds the port closed: refused). Without it, a connection completing its handshake
+    between the last accept and the close would be reset after its client sent a request."""
+    try:
+        import ctypes
+
+        program = ctypes.create_string_buffer(_DROP_ALL)
+        listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                            struct.pack("HL", 1, ctypes.addressof(program)))
+    except (ImportError, OSError):
+        pass  # not Linux: the sweep alone (a window of microseconds)
+
+
+class HttpServer:
+    """Listeners sharing one application, connection set and housekeeping timer.
+
+    Shutting down without losing a request: ``start_draining`` (every answer from then on closes
+    its connection, unless another request is already on it), then ``stop_accepting`` (new
+    connections are refused), then ``close_idle`` (kept-alive connections are closed only while no
+    request is on them or waiting in their socket).
+    """
+
+    def __init__(self, app, *, request_timeout: float = 30.0, idle_timeout: Optional[float] = None,
+                 backend: ModuleType = BACKEND) -> None:
         self.app = app
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
+        self.backend = backend  # httptools, or h11_parser: a module with httptools' parser interface
         self.connections: set = set()
         self.servers: list = []
         self.now = 0.0
         self.date_header = b""
+        self.draining = False
+        self._contexts: dict = {}  # listener -> the context its connections get
         self._timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -386,12 +528,81 @@ class HttpServer:
             server = await loop.create_server(lambda: HttpConnection(self, context), host, port,
                                               backlog=backlog, reuse_address=True)
         self.servers.append(server)
+        self._contexts[server] = context
         return server
 
     def forget(self, server: asyncio.AbstractServer) -> None:
         if server in self.servers:
             self.servers.remove(server)
+        self._contexts.pop(server, None)
         server.close()
+
+    def unread(self, context: object) -> bool:
+        """Whether the listener bound to ``context`` has something not read yet: a connection not
+        yet accepted, or bytes waiting in the socket of one of its connections."""
+        for server, bound in self._contexts.items():
+            if bound is context:
+                fds = [s.fileno() for s in server.sockets or ()]
+                if fds and select.select(fds, [], [], 0)[0]:
+                    return True
+        return any(conn.context is context and unread_bytes(conn.transport) for conn in self.connections)
+
+    def start_draining(self) -> None:
+        """From now on every answer carries ``connection: close`` and its connection is closed after
+        it, unless another request is already on that connection (then that one's answer does)."""
+        self.draining = True
+
+    async def stop_accepting(self) -> None:
+        """Close the listeners: new connections are refused. Connections the kernel has already
+        accepted but we have not are taken first (closing them would reset a client that may have
+        sent its request): they are served, and closed like the others."""
+        loop = asyncio.get_running_loop()
+        # asyncio's loop accepts in a task that gives the connection its protocol a few iterations
+        # later, and closing the listener in between drops it: stop it accepting, let those finish.
+        # (uvloop accepts in one callback; it has no reader to remove.)
+        for server in self.servers:
+            for s in server.sockets or ():
+                loop.remove_reader(s.fileno())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        taken = []
+        for server in self.servers:
+            context = self._contexts.get(server)
+            listeners = [socket.fromfd(s.fileno(), s.family, s.type) for s in server.sockets or ()]
+            server.close()  # our duplicates keep the sockets listening for the sweep below
+            for listener in listeners:
+                _refuse_new_connections(listener)
+                listener.setblocking(False)
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except OSError:  # BlockingIOError when the queue is empty
+                        break
+                    taken.append((sock, context))
+                listener.close()
+        self.servers.clear()
+        self._contexts.clear()
+        for sock, context in taken:
+            await loop.connect_accepted_socket(
+                lambda context=context: HttpConnection(self, context), sock)  # type: ignore[misc]
+
+    async def close_idle(self, timeout: float, linger: float = IDLE_LINGER) -> None:
+        """Close connections as they become idle (no request on them, none waiting in their socket,
+        for ``linger`` seconds), until none is left or ``timeout`` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            self.now = now = loop.time()  # idle_since is taken from it: keep it fresh meanwhile
+            for conn in list(self.connections):
+                if conn.closed or conn.transport is None:
+                    continue
+                if conn.active is None and conn.current is None:
+                    if not conn.idle():
+                        conn.idle_since = now  # bytes are waiting: the request they are gets read
+                    elif now - conn.idle_since >= linger:
+                        conn.closed = True
+                        conn.transport.close()
+            await asyncio.sleep(0.02)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -10,13 +10,16 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import subprocess
+from collections import deque
 from typing import Callable, Dict, Optional, Sequence
 
-log = logging.getLogger("lambda_rapid.sandbox.process")
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
 MAX_PARTIAL_LINE = 65536
+PENDING_LIMIT = 4 << 20  # bytes of output kept while stdout is not read; beyond that it is dropped
 _SIGNAL_NAMES = {
     signal.SIGKILL: "killed", signal.SIGTERM: "terminated", signal.SIGSEGV: "segmentation fault",
     signal.SIGABRT: "aborted", signal.SIGINT: "interrupt", signal.SIGHUP: "hangup", signal.SIGBUS: "bus error",
@@ -38,23 +41,98 @@ def _new_process_group() -> None:
 
 
 class OutputSink:
-    """The daemon's stdout for runtime lines and report lines (written whole, in order)."""
+    """The daemon's stdout, for runtime and report lines: written whole and in order, and never
+    blocking the loop. While nobody reads stdout, up to ``limit`` bytes wait in memory; output
+    beyond that is dropped (whole writes, so no line is cut) and counted, and the count is logged
+    once stdout drains."""
 
-    def __init__(self, fd: int = 1) -> None:
-        self.fd = fd
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int = 1, limit: int = PENDING_LIMIT) -> None:
+        self.loop = loop
+        self.fd = _nonblocking(fd)
+        self.limit = limit
+        self.pending: deque = deque()  # memoryviews not written yet, oldest first
+        self.pending_bytes = 0
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self._written: Optional[asyncio.Future] = None  # set when all that waits is written (at exit)
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+        if self.pending:
+            self._keep(memoryview(data))
+            return
+        try:
+            n = os.write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return  # nobody will ever read it (EPIPE, EIO): like a write to a closed terminal
+        if n < len(data):
+            self._keep(memoryview(data)[n:])
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _keep(self, data: memoryview) -> None:
+        if self.pending and self.pending_bytes + len(data) > self.limit:
+            self.dropped_lines += data.tobytes().count(b"\n")
+            self.dropped_bytes += len(data)
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def _flush(self) -> None:
+        pending = self.pending
+        while pending:
+            data = pending[0]
             try:
-                n = os.write(self.fd, view)
+                n = os.write(self.fd, data)
             except BlockingIOError:
-                import select
-                select.select([], [self.fd], [], 1.0)
-                continue
-            except BrokenPipeError:
                 return
-            view = view[n:]
+            except OSError:
+                n = len(data)  # gone for good: drop what waits
+            self.pending_bytes -= n
+            if n < len(data):
+                pending[0] = data[n:]
+                return
+            pending.popleft()
+        self.loop.remove_writer(self.fd)
+        self._report_dropped()
+        if self._written is not None and not self._written.done():
+            self._written.set_result(None)
+
+    def _report_dropped(self) -> None:
+        if self.dropped_bytes:
+            log.warning("stdout was not read for a while: %d lines (%d bytes) of runtime output were dropped",
+                        self.dropped_lines, self.dropped_bytes)
+            self.dropped_lines = self.dropped_bytes = 0
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) for what waits to be written (the daemon is exiting)."""
+        if self.pending:
+            self._written = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._written), timeout)
+            except asyncio.TimeoutError:
+                log.warning("stdout is not read: %d bytes of runtime output not written at exit", self.pending_bytes)
+        self._report_dropped()
+
+
+def _nonblocking(fd: int) -> int:
+    """A descriptor that writes to what ``fd`` refers to without ever blocking. Pipes, terminals and
+    sockets can stall; a pipe or terminal is opened again through /proc (its own open file, so the
+    one we share with whoever started us keeps its blocking mode); a socket is made non-blocking.
+    Regular files never stall: ``fd`` itself."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return fd
+    if stat.S_ISREG(mode):
+        return fd
+    if not stat.S_ISSOCK(mode):
+        try:
+            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            pass
+    os.set_blocking(fd, False)
+    return fd
 
 
 class Child:
@@ -193,7 +271,7 @@ class ProcessManager:
         return child
 
     def signal_group(self, pgid: int, sig: int) -> None:
-        # Never signal our own group, init's or "all processes" (the Go daemon's pgid=0 bug).
+        # Never our own group, init's, or with pgid 0 (killpg(0) is the caller's own group: the daemon's).
         if pgid <= 1 or pgid == self.own_pgid:
             log.error("refusing to signal process group %d", pgid)
             return

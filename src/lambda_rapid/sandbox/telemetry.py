@@ -18,9 +18,13 @@ import urllib.parse
 from collections import deque
 from typing import Dict, Optional
 
-log = logging.getLogger("lambda_rapid.sandbox.telemetry")
+log = logging.getLogger(__name__)
 
 TELEMETRY_SCHEMAS = ("2022-07-01", "2022-12-13", "2025-01-29")
+# Lambda Managed Instances accept only the newest ("Lambda Managed Instances require 2025-01-29":
+# https://docs.aws.amazon.com/lambda/latest/dg/telemetry-api-reference.html; AWS's RAPID for them
+# validates against a schema with that one value: telemetry-subscription-schema.json).
+MANAGED_INSTANCES_SCHEMAS = ("2025-01-29",)
 STREAMS = ("platform", "function", "extension")
 # AWS's buffering defaults and bounds (name: (default, minimum, maximum)), Telemetry and Logs API.
 BUFFERING = {"maxItems": (10000, 1000, 10000), "maxBytes": (262144, 262144, 1048576),
@@ -77,7 +81,7 @@ class Event:
         return self._legacy_encoded
 
 
-def parse_subscription(api: str, body: bytes) -> dict:
+def parse_subscription(api: str, body: bytes, managed_instances: bool = False) -> dict:
     """Validate a subscribe request body; raise SubscribeError with AWS's error on any problem."""
     def invalid(message: str) -> SubscribeError:
         return SubscribeError(400, "ValidationError", message)
@@ -91,7 +95,10 @@ def parse_subscription(api: str, body: bytes) -> dict:
     problems = []
     if api == "telemetry":
         schema = doc.get("schemaVersion")
-        if schema not in TELEMETRY_SCHEMAS:
+        if managed_instances and schema not in MANAGED_INSTANCES_SCHEMAS:
+            problems.append(f"schemaVersion must be {MANAGED_INSTANCES_SCHEMAS[0]} on Lambda Managed Instances "
+                            "(AWS_LAMBDA_MAX_CONCURRENCY is set)")
+        elif schema not in TELEMETRY_SCHEMAS:
             problems.append(f"schemaVersion must be one of {', '.join(TELEMETRY_SCHEMAS)}")
     types = doc.get("types")
     if not isinstance(types, list) or not types:
@@ -330,8 +337,9 @@ class Subscription:
 class Telemetry:
     """The telemetry of one instance: the subscriptions of its extensions and the events it emits."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, managed_instances: bool = False) -> None:
         self.loop = loop
+        self.managed_instances = managed_instances  # AWS's Lambda Managed Instances rules for subscriptions
         self.subscriptions: Dict[str, Subscription] = {}  # extension id -> its subscription
         self.backlog: Optional[deque] = deque(maxlen=BACKLOG_LIMIT)  # until init completes
         self.wants = {"platform": False, "function": False, "extension": False}
@@ -347,7 +355,7 @@ class Telemetry:
             other = "Telemetry API" if current.api == "telemetry" else "Logs API"
             raise SubscribeError(400, "ValidationError",
                                  f"extension {name} already subscribed with the {other}; use one API only")
-        spec = parse_subscription(api, body)
+        spec = parse_subscription(api, body, self.managed_instances)
         if current is not None:
             current.close()
         sub = Subscription(self.loop, name, api, spec)

@@ -29,7 +29,7 @@ Settings are environment variables (INVOKE_API_HOST, PORT, AMQP_URI, AMQP_USERNA
 AWS_LAMBDA_FUNCTION_TIMEOUT, LOG_LEVEL, USE_STRUCTURED_LOGGING): see the README."""
 SHUTDOWN_GRACE = 10.0  # seconds waiting invokes get to receive their replies at shutdown
 
-log = logging.getLogger("lambda_rapid.server")
+log = logging.getLogger(__name__)
 
 
 async def serve(config: config_module.ServerConfig) -> int:
