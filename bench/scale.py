@@ -22,7 +22,7 @@ Sections (all by default, ~6 minutes on 2 cores; ``docs/scale-out.md`` has the f
   only daemon of a function is replaced; then a host vanishes for good. Every request is
   accounted for: answered, failed (by status), reset, no answer, lost, run twice. Each with the
   recommended settings (durable queue, quorum when the daemon supports ``AMQP_QUEUE_TYPE``, tried
-  at start-up; heartbeat 5 s) and with the defaults (auto-delete, heartbeat off).
+  at start-up; heartbeat 5 s) and with the Go daemon's auto-delete queue (heartbeat off).
 * ``functions``: 20 functions, each with its own daemon, behind one lambda-server; an unknown
   function; a function scaled to zero (durable queue, auto-delete queue, and a caller that gives
   up before a daemon comes).
@@ -334,7 +334,9 @@ class QueueSettings:
         return f"{kind}, heartbeat={self.heartbeat or 'off'}"
 
 
-DEFAULTS = QueueSettings("defaults", durable=False, heartbeat=0)
+# The Go daemon's queue (and this daemon's default before durable queues were): non-durable, auto-delete,
+# with heartbeats off as the README's AMQP_URI examples have them. The contrast to the recommended one.
+AUTO_DELETE = QueueSettings("auto-delete", durable=False, heartbeat=0)
 # RabbitMQ sends heartbeats every timeout/2 and drops a peer after two missed ones; it calls 5-20 s
 # optimal for most environments (https://www.rabbitmq.com/docs/heartbeats). 5 s finds a vanished
 # host in about 10 s.
@@ -1144,7 +1146,7 @@ async def scaled_to_zero(fleet: Fleet, broker: Broker, server: Node, settings: Q
     a daemon; with an auto-delete queue the queue is gone with its daemon."""
     out: dict = {}
     target = (server.host.addr, server.port)
-    for label, queue_settings in (("durable", settings), ("auto-delete", DEFAULTS)):
+    for label, queue_settings in (("durable", settings), ("auto-delete", AUTO_DELETE)):
         name = broker.track(f"zero-{label}-{run}")
         node = fleet.daemon(f"z{label[0]}", name, queue_settings, slots=1)
         await node.ready()
@@ -1168,7 +1170,7 @@ async def scaled_to_zero(fleet: Fleet, broker: Broker, server: Node, settings: Q
         else:
             for who, srv in (("same server", target), ("a server that never saw it", None)):
                 if srv is None:
-                    fresh = fleet.server(server.host.name, DEFAULTS, port=PORT + 1)
+                    fresh = fleet.server(server.host.name, AUTO_DELETE, port=PORT + 1)
                     await fresh.ready()
                     srv = (fresh.host.addr, fresh.port)
                 t = time.monotonic()
@@ -1281,8 +1283,8 @@ def markdown(results: dict) -> str:
                        f"{us.get('wrk', 0)} | {r['ours_us_per_request']} | {r['cpu_ceiling_rps']:,} | "
                        f"{r['cpu']['machine_busy_pct']:.0f}% | {r['cpu']['others_pct']:.0f}% | {r['limit']} |")
         out.append("")
-    for key in ("churn-recommended", "churn-defaults", "restart-recommended", "restart-defaults",
-                "hostlost-recommended", "hostlost-defaults"):
+    for key in ("churn-recommended", "churn-auto-delete", "restart-recommended", "restart-auto-delete",
+                "hostlost-recommended", "hostlost-auto-delete"):
         ch = results.get(key)
         if ch:
             a = ch["accounting"]
@@ -1310,7 +1312,7 @@ async def main_async(args) -> dict:
         results["quorum_supported"] = quorum
         results["recommended"] = settings.describe()
         sections = args.only.split(",")
-        both = [settings] + ([] if args.skip_defaults else [DEFAULTS])
+        both = [settings] + ([] if args.recommended_only else [AUTO_DELETE])
         plan: list = []
         if "scaling" in sections:
             plan.append(("scaling", lambda: scaling(net, broker, logs, args, settings)))
@@ -1359,7 +1361,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="windows per point (the median is reported)")
     parser.add_argument("--churn-seconds", type=float, default=30.0)
-    parser.add_argument("--skip-defaults", action="store_true", help="churn with the recommended settings only")
+    parser.add_argument("--recommended-only", action="store_true",
+                        help="churn with the recommended settings only (not also with the auto-delete queue)")
     parser.add_argument("--retries", type=int, default=1,
                         help="run a churn/functions/servers section again when the shared broker restarted "
                              "during it (default 1)")

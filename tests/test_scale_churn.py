@@ -137,7 +137,7 @@ def test_replacing_the_only_daemon_on_an_auto_delete_queue_answers_every_caller(
     """The documented cost of the default queue: it goes with its last daemon, and the requests in
     it with it (docs/amqp.md). Every caller still gets an answer: 503 while no queue exists, the
     lambda-server's timeout for a request deleted with the queue."""
-    result = churn(net, logs, scale.DEFAULTS, scale.RESTART_PLAN, daemons=1, seconds=4.0, server_timeout=3.0)
+    result = churn(net, logs, scale.AUTO_DELETE, scale.RESTART_PLAN, daemons=1, seconds=4.0, server_timeout=3.0)
     acc = dict(result["accounting"], broker_restarts_meanwhile=result["broker_restarts_meanwhile"])
     assert (acc["reset"], acc["no_answer"]) == (0, 0), acc
     assert set(acc["failed"]) <= {"503", "200 Sandbox.Timedout"}, acc
