@@ -1099,7 +1099,8 @@ async def many_functions(net: Net, broker: Broker, logs: Path, settings: QueueSe
                          seconds: float = 5.0) -> dict:
     fleet = Fleet(net, logs)
     result: dict = {"functions": count, "uptime": [uptime()]}
-    names = [broker.track(f"fn{i + 1:02d}-{net.run}") for i in range(count)]
+    attempt = uuid.uuid4().hex[:4]  # names of their own for every run of the section (durable queues stay)
+    names = [broker.track(f"fn{i + 1:02d}-{net.run}-{attempt}") for i in range(count)]
     try:
         server = fleet.server("fs1", settings)
         t0 = time.monotonic()
@@ -1133,7 +1134,7 @@ async def many_functions(net: Net, broker: Broker, logs: Path, settings: QueueSe
             statuses[f"{status} {headers.get('x-amzn-errortype', '')}"] += 1
         result["unknown"] = {"answers": dict(statuses), "p50_ms": round(1000 * percentile(latencies, 0.5), 2),
                              "max_ms": round(1000 * max(latencies), 2)}
-        result["scaled_to_zero"] = await scaled_to_zero(fleet, broker, server, settings, net.run)
+        result["scaled_to_zero"] = await scaled_to_zero(fleet, broker, server, settings, f"{net.run}-{attempt}")
         result["uptime"].append(uptime())
         log(f"functions: {json.dumps({k: v for k, v in result.items() if k != 'uptime'})}")
         return result
