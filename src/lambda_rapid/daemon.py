@@ -137,7 +137,7 @@ class Daemon:
                 listening.cancel()
                 sock.close()
 
-        self.sandboxes.launch(instance, child, env, log_stream, self.pool, release=close)
+        self.sandboxes.launch(instance, child, env, log_stream, self.pool.failures, release=close)
         return InstanceProcess(child)
 
     def _output(self, instance: Instance, data: bytes) -> None:
@@ -157,7 +157,7 @@ class Daemon:
         self._runtime_gone(instance, status)
 
     def _runtime_gone(self, instance: Instance, status: str) -> None:
-        self.pool.instance_exited(instance, status)  # first: its invocations are answered with why
+        self.pool.failures.instance_exited(instance, status)  # first: its invocations are answered with why
         self.sandboxes.runtime_exited(instance)
 
     # ---- lifecycle ---------------------------------------------------------------------------

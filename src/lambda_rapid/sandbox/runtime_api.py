@@ -173,8 +173,8 @@ class RuntimeApi:
         elif path == INIT_ERROR:
             if request.method != "POST":
                 return self._method_not_allowed(request, "POST")
-            self.pool.init_error(self.instance_of(request), request.body,
-                                 request.headers.get("lambda-runtime-function-error-type"))
+            self.pool.failures.init_error(self.instance_of(request), request.body,
+                                          request.headers.get("lambda-runtime-function-error-type"))
             return request.respond_json(202, ACCEPTED)
         elif path in (RESTORE_NEXT, RESTORE_ERROR) and self.restore is not None:
             return self._restore(request, path)
