@@ -238,7 +238,7 @@ def test_a_crash_fails_the_running_invocation_at_once_and_a_fresh_instance_takes
     (instance,) = warm(h, 1)
     running = h.invoke()
     queued = h.invoke()
-    h.pool.instance_exited(instance, "exit status 1")
+    h.pool.failures.instance_exited(instance, "exit status 1")
     assert [r.outcome for r in running] == [CRASH]
     error = json.loads(running[0].body)
     assert error["errorType"] == "Runtime.ExitError" and "exit status 1" in error["errorMessage"]
@@ -251,14 +251,14 @@ def test_an_init_error_answers_one_waiting_invocation_and_the_next_gets_a_fresh_
     h = harness(MAX_CONCURRENCY=1)
     first, second = h.invoke(), h.invoke()
     (instance,) = h.launched
-    h.pool.init_error(instance, b'{"errorType":"Runtime.ImportModuleError","errorMessage":"no module"}', None)
+    h.pool.failures.init_error(instance, b'{"errorType":"Runtime.ImportModuleError","errorMessage":"no module"}', None)
     assert [r.outcome for r in first] == [INIT_ERROR] and second == []
     assert json.loads(first[0].body)["errorType"] == "Runtime.ImportModuleError"
     assert instance.state is STOPPING and instance.stop_reason is StopReason.INIT_ERROR
     assert h.killed == []  # it is given a moment to exit by itself
     h.run_until(lambda: h.killed)
     assert h.killed == [(instance.number, signal.SIGKILL)]
-    h.pool.instance_exited(instance, "signal: killed")
+    h.pool.failures.instance_exited(instance, "signal: killed")
     assert second == [] and len(h.launched) == 2  # a fresh init for the one still waiting
 
 
@@ -283,7 +283,7 @@ def test_a_spawn_failure_answers_one_waiting_invocation(harness):
 def test_an_instance_exiting_during_init_answers_one_waiting_invocation(harness):
     h = harness()
     results = h.invoke()
-    h.pool.instance_exited(h.launched[0], "exit status 2")
+    h.pool.failures.instance_exited(h.launched[0], "exit status 2")
     assert json.loads(results[0].body)["errorType"] == "Runtime.ExitError"
     assert h.pool.metrics.init_failures == 1
 
@@ -392,14 +392,14 @@ def test_retire_all_stops_idle_instances_now_and_busy_ones_after_their_invocatio
     busy, idle = inv.instance, (idle if inv.instance is busy else busy)
     assert h.pool.retire_all() == 2
     assert h.killed == [(idle.number, signal.SIGKILL)] and busy.state is STOPPING
-    h.pool.instance_exited(idle, "signal: killed")
+    h.pool.failures.instance_exited(idle, "signal: killed")
     later = h.invoke()  # new work never goes to the retiring instance: a fresh one starts for it
     assert len(h.launched) == 3 and len(busy.held) == 1
     assert h.pool.respond(inv.request_id, b'"old"') and results[0].outcome == SUCCESS
     assert len(h.killed) == 1  # its invocation ended as usual; it is stopped when it asks for more
     back = h.next(busy)
     assert h.killed[-1] == (busy.number, signal.SIGKILL) and back.got is None and not back.alive
-    h.pool.instance_exited(busy, "signal: killed")
+    h.pool.failures.instance_exited(busy, "signal: killed")
     fresh = h.next(h.launched[2])
     assert fresh.got is not None and later == []
     assert h.pool.metrics.kills == {"reload": 2} and h.pool.metrics.init_failures == 0
@@ -414,7 +414,7 @@ def test_retire_all_replaces_a_starting_instance_without_failing_its_waiting_inv
     assert results == []  # not answered with an init error
     late = h.next(starting)  # the old runtime reaching /next before the kill lands gets nothing
     assert late.got is None and not late.alive
-    h.pool.instance_exited(starting, "signal: killed")
+    h.pool.failures.instance_exited(starting, "signal: killed")
     assert starting.state is DEAD and len(h.launched) == 2
     fresh = h.next(h.launched[1])
     assert fresh.got is not None and h.pool.respond(fresh.got.request_id, b'"new"')
@@ -429,7 +429,7 @@ def test_retire_all_keeps_min_instances_warm_and_leaves_runtimes_started_by_hand
     h.pool.next(by_hand)
     assert h.pool.retire_all() == 1 and h.killed == [(old.number, signal.SIGKILL)]
     assert len(h.launched) == 1  # the slot is still taken until the old one has exited
-    h.pool.instance_exited(old, "signal: killed")
+    h.pool.failures.instance_exited(old, "signal: killed")
     assert len(h.launched) == 2  # its replacement, warm before any invocation
     h.invoke()  # the runtime started by hand was parked longest: it still gets work
     assert by_hand.got is not None
@@ -442,7 +442,7 @@ def test_a_retired_busy_instance_that_times_out_is_killed_once(harness):
     assert h.pool.retire_all() == 1 and h.killed == []
     h.run_until(lambda: results)
     assert results[0].outcome == TIMEOUT and h.killed == [(instance.number, signal.SIGKILL)]
-    h.pool.instance_exited(instance, "signal: killed")
+    h.pool.failures.instance_exited(instance, "signal: killed")
     assert h.pool.metrics.kills == {"reload": 1}
     assert h.pool.retire_all() == 0
 
@@ -511,7 +511,7 @@ def test_at_max_concurrency_the_longest_idle_instance_of_another_tenant_makes_ro
     assert len(h.launched) == 2 and results == []  # the slot is free once b's runtime has exited
     h.invoke(tenant="c")  # one more for c: the one stopping instance already makes room for it
     assert h.killed == [(b.number, signal.SIGKILL)]
-    h.pool.instance_exited(b, "signal: killed")
+    h.pool.failures.instance_exited(b, "signal: killed")
     c = h.launched[2]
     assert c.tenant == "c" and a.state is READY and len(live(h)) == 2
     assert serve(h, c).tenant_id == "c" and serve(h, c).tenant_id == "c"
@@ -529,7 +529,7 @@ def test_busy_instances_are_never_stopped_for_another_tenant(harness):
     assert h.killed == []  # a's worker is on its way back to /next: not idle yet
     h.next(a)  # a is idle now, and b has no instance: a makes room
     assert h.killed == [(a.number, signal.SIGKILL)] and a.stop_reason is StopReason.OTHER_TENANT
-    h.pool.instance_exited(a, "signal: killed")
+    h.pool.failures.instance_exited(a, "signal: killed")
     (_, b) = h.launched
     assert b.tenant == "b" and serve(h, b).tenant_id == "b" and waiting[0].outcome == SUCCESS
 
@@ -546,7 +546,7 @@ def test_max_concurrency_bounds_the_instances_of_all_tenants(harness):
                 served.append((instance, runtime.got.tenant_id))
                 assert h.pool.respond(runtime.got.request_id, b'"ok"')
         for instance in [i for i in live(h) if i.state is STOPPING]:
-            h.pool.instance_exited(instance, "signal: killed")
+            h.pool.failures.instance_exited(instance, "signal: killed")
         assert len(live(h)) <= 2
     assert sorted(t for _, t in served) == ["a", "b", "c", "d"]
     assert all(r[0].outcome == SUCCESS for r in results.values())
@@ -573,7 +573,7 @@ def test_an_init_failure_answers_an_invocation_of_the_failed_instances_tenant(ha
     a_results = h.invoke(tenant="a")
     b_results = h.invoke(tenant="b")
     a, b = h.launched
-    h.pool.init_error(b, b'{"errorType":"Runtime.ImportModuleError","errorMessage":"no module"}', None)
+    h.pool.failures.init_error(b, b'{"errorType":"Runtime.ImportModuleError","errorMessage":"no module"}', None)
     assert a_results == [] and [r.outcome for r in b_results] == [INIT_ERROR]
     assert serve(h, a).tenant_id == "a" and a_results[0].outcome == SUCCESS
 

@@ -68,10 +68,11 @@ class Daemon:
             from .tenant_pool import TenantPool  # only paid for when TENANT_ISOLATION_MODE is set
 
             pool_class = TenantPool
-        self.pool = pool_class(config, launcher=self._launch, killer=self.sandboxes.kill, output=self.sink.write,
-                               hooks=self.sandboxes)
+        self.pool = pool_class(config, launcher=self._launch, killer=self.sandboxes.shutdown.kill,
+                               output=self.sink.write, hooks=self.sandboxes)
         self.extensions_api = ExtensionsApi(config, self.sandboxes)
-        self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes(), restore=self.sandboxes)
+        self.runtime_api = RuntimeApi(self.pool, config, routes=self.extensions_api.routes(),
+                                      restore=self.sandboxes.restore)
         self.invoke_api = InvokeApi(self.pool, config, metrics=lambda: metrics.render(self.pool), ready=self.ready)
         self.runtime_http = HttpServer(self.runtime_api, request_timeout=60.0, idle_timeout=None)
         self.invoke_http = HttpServer(self.invoke_api, request_timeout=60.0, idle_timeout=600.0)
@@ -136,7 +137,7 @@ class Daemon:
                 listening.cancel()
                 sock.close()
 
-        self.sandboxes.launch(instance, child, env, log_stream, self.pool, release=close)
+        self.sandboxes.launch(instance, child, env, log_stream, self.pool.failures, release=close)
         return InstanceProcess(child)
 
     def _output(self, instance: Instance, data: bytes) -> None:
@@ -156,7 +157,7 @@ class Daemon:
         self._runtime_gone(instance, status)
 
     def _runtime_gone(self, instance: Instance, status: str) -> None:
-        self.pool.instance_exited(instance, status)  # first: its invocations are answered with why
+        self.pool.failures.instance_exited(instance, status)  # first: its invocations are answered with why
         self.sandboxes.runtime_exited(instance)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class Daemon:
         self.invoke_http.close()
         if self.function_url_http is not None:
             self.function_url_http.close()
-        await self.sandboxes.shutdown()
+        await self.sandboxes.shutdown.stop_all()
         await self._stop_instances()
         self.runtime_http.close()
         self.invoke_http.close_connections()

@@ -16,9 +16,9 @@ from typing import Callable, Optional
 from .invocation import Invocation
 
 
-class WaitQueue(deque):
-    """Invocations waiting for an instance, oldest first. One that has waited a whole function
-    timeout goes to ``on_expired`` (the pool answers 429); Event invocations wait on."""
+class _DeadlineQueue(deque):
+    """Invocations in the order their deadlines come (all ``timeout`` after they entered), with the
+    one timer for the oldest; one whose deadline has passed goes to ``on_expired``."""
 
     __slots__ = ("loop", "timeout", "on_expired", "_timer")
 
@@ -29,6 +29,13 @@ class WaitQueue(deque):
         self.timeout = timeout
         self.on_expired = on_expired
         self._timer: Optional[asyncio.TimerHandle] = None
+
+
+class WaitQueue(_DeadlineQueue):
+    """Invocations waiting for an instance, oldest first. One that has waited a whole function
+    timeout goes to ``on_expired`` (the pool answers 429); Event invocations wait on."""
+
+    __slots__ = ()
 
     def push(self, inv: Invocation) -> None:
         inv.queued_at = time.monotonic()
@@ -63,19 +70,11 @@ class WaitQueue(deque):
                 break
 
 
-class RunDeadlines(deque):
+class RunDeadlines(_DeadlineQueue):
     """Invocations handed to a runtime, in the order they started; one that has run a whole function
     timeout goes to ``on_expired`` (the pool ends it with ``Sandbox.Timedout``)."""
 
-    __slots__ = ("loop", "timeout", "on_expired", "_timer")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
-                 on_expired: Callable[[Invocation], None]) -> None:
-        super().__init__()
-        self.loop = loop
-        self.timeout = timeout
-        self.on_expired = on_expired
-        self._timer: Optional[asyncio.TimerHandle] = None
+    __slots__ = ()
 
     def add(self, inv: Invocation) -> None:
         """``inv`` has just started (``inv.started_at`` is set)."""

@@ -2,7 +2,8 @@
 
 ``SandboxHooks`` is what the pool calls at fixed points of an instance's and an invocation's life;
 it is passed to the pool when the pool is built (``NoSandbox``, the default, adds nothing: no
-extensions, no telemetry). ``PoolControl`` is what a sandbox may ask of the pool. Nothing else
+extensions, no telemetry). ``PoolControl`` is what a sandbox may ask of the pool (``pool.failures``,
+failures.py, is the one each sandbox is given when its instance is launched). Nothing else
 crosses: the sandbox layer never touches the pool's queues or counters, the pool never knows what
 an extension is.
 """

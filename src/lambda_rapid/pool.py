@@ -1,14 +1,16 @@
-"""The instance pool: which runtime instance runs which invocation, and what happens when things
-go wrong. Longest-idle dispatch, spawning on demand, the bounded FIFO wait queue, execution
-timeouts, crashes, init failures, idle scale-down and draining are decided here.
+"""The instance pool: which runtime instance runs which invocation. Longest-idle dispatch, spawning
+on demand, the bounded FIFO wait queue, idle scale-down and draining are decided here.
 
 The pool knows nothing about HTTP, AMQP or extensions. Front doors call :meth:`Pool.submit`; the
-Runtime API calls :meth:`Pool.next`, :meth:`Pool.respond`, :meth:`Pool.error`, :meth:`Pool.init_error`;
-the process layer calls :meth:`Pool.instance_exited`. It is built from its collaborators: ``launcher``
-(starts an instance's processes), ``killer`` (signals its group), ``output`` (the daemon's stdout) and
-``hooks`` (the sandbox layer, see hooks.py). The instances themselves are kept by an ``InstanceSet``,
-the two deadline queues by deadlines.py. A tenant-isolated function's pool (tenant_pool.py) keeps
-these rules per tenant; it overrides the few methods below that say where work waits and parks.
+Runtime API calls :meth:`Pool.next`, :meth:`Pool.respond`, :meth:`Pool.error`.
+It is built from its collaborators: ``launcher`` (starts an instance's processes), ``killer`` (signals
+its group), ``output`` (the daemon's stdout) and ``hooks`` (the sandbox layer, see hooks.py). The
+instances themselves are kept by an ``InstanceSet``, the two deadline queues by deadlines.py. What
+goes wrong is ``InstanceFailures``' (failures.py, built here): an execution timeout, a runtime's exit,
+what the sandbox layer reports; the process layer calls ``pool.failures.instance_exited`` and each
+sandbox is given ``pool.failures`` as its ``PoolControl``. A tenant-isolated function's pool
+(tenant_pool.py) keeps these rules per tenant; it overrides the few methods below that say where
+work waits and parks.
 """
 
 from __future__ import annotations
@@ -22,19 +24,10 @@ from typing import Callable, Optional
 from . import errors
 from .config import Config
 from .deadlines import RunDeadlines, WaitQueue
+from .failures import InstanceFailures
 from .hooks import NO_SANDBOX, SandboxHooks
-from .instances import DEAD, READY, STARTING, STOPPING, Demand, Instance, InstanceSet, RuntimeProcess, StopReason
-from .invocation import (
-    CRASH,
-    FUNCTION_ERROR,
-    INIT_ERROR,
-    REJECTED,
-    SUCCESS,
-    THROTTLED,
-    TIMEOUT,
-    Invocation,
-    Result,
-)
+from .instances import READY, STARTING, STOPPING, Demand, Instance, InstanceSet, RuntimeProcess, StopReason
+from .invocation import FUNCTION_ERROR, INIT_ERROR, REJECTED, SUCCESS, THROTTLED, Invocation, Result
 from .metrics import Metrics
 from .reports import FunctionLog
 
@@ -56,6 +49,16 @@ class Waiter:
         raise NotImplementedError
 
 
+def take_parked(idle: deque) -> Optional[Waiter]:
+    """The longest-parked runtime of ``idle`` still waiting, taken out of it; None if there is none."""
+    while idle:
+        waiter = idle.popleft()
+        if waiter.alive:
+            waiter.instance.waiters -= 1
+            return waiter
+    return None
+
+
 class Pool:
     def __init__(self, config: Config, launcher: Callable[[Instance], RuntimeProcess],
                  killer: Callable[[Instance, int], None], output: Callable[[bytes], None],
@@ -67,22 +70,25 @@ class Pool:
         self.metrics = Metrics()
         self.idle: deque = deque()  # Waiters, longest-waiting first
         self.queue = self._wait_queue()
-        self.running = RunDeadlines(self.loop, config.timeout, self._timed_out)
         self.in_flight: dict = {}  # request_id -> Invocation handed to a runtime
         self.accepted: dict = {}  # request_id -> every Invocation not yet finished
         self.demand = Demand(config.max_concurrency * config.runtime_max_concurrency)
+        self.draining = Drain(self.loop, self.accepted)
+        self._check_drained = self.draining.check  # wherever an accepted invocation may have ended
         self.instances = InstanceSet(config, self.loop, launcher, killer, hooks, self.metrics, self.queue,
                                      self.demand, fail_waiting=self._fail_waiting,
                                      forget_capacity=self._forget_capacity)
+        self.failures = InstanceFailures(self.instances, self.in_flight, config.timeout, end=self._end,
+                                         refill=self._refill, check_drained=self._check_drained, next=self.next)
+        self.running = RunDeadlines(self.loop, config.timeout, self.failures.timed_out)
         self.returning = 0  # sum of Instance.returning: capacity that is about to be idle again
         self.accepting = True
         self.reports = config.print_reports
         self.log = FunctionLog(config.function_version, config.memory_size, output, config.print_reports)
-        self._drained: Optional[asyncio.Future] = None
 
     def _wait_queue(self) -> WaitQueue:
         """Where invocations wait for an instance (all of them; its length is the queue depth)."""
-        return WaitQueue(self.loop, self.config.timeout, self._waited_too_long)
+        return WaitQueue(self.loop, self.config.timeout, self._throttle)
 
     # ---- front doors ---------------------------------------------------------------------------
     def is_active(self, request_id: str) -> bool:
@@ -91,11 +97,10 @@ class Pool:
     def submit(self, inv: Invocation) -> None:
         """Run ``inv`` as soon as an instance is free; its ``on_done`` gets the Result."""
         if not self.accepting:
-            self._reject(inv, REJECTED, errors.SERVICE, "The daemon is shutting down.")
-            return
+            return self._refuse(inv)
         self.accepted[inv.request_id] = inv
         idle = self.idle
-        while idle:
+        while idle:  # take_parked(idle), inline: the hot path
             waiter = idle.popleft()
             if waiter.alive:
                 waiter.instance.waiters -= 1
@@ -104,9 +109,7 @@ class Pool:
         instances = self.instances
         spawn = instances.can_spawn(len(self.queue) + 1, self.returning)
         if len(self.queue) >= self.config.max_queued and not spawn:
-            del self.accepted[inv.request_id]
-            self._reject(inv, THROTTLED, errors.TOO_MANY_REQUESTS, "Rate Exceeded.")
-            return
+            return self._throttle(inv)
         self.queue.push(inv)
         if spawn:
             instances.spawn()
@@ -128,15 +131,17 @@ class Pool:
         """The queue ``inv`` waits in (if it waits)."""
         return self.queue
 
-    def _reject(self, inv: Invocation, outcome: str, api_error: errors.ApiError, message: str) -> None:
-        self.metrics.outcomes[outcome] += 1
-        body = errors.throttled_body() if api_error is errors.TOO_MANY_REQUESTS else api_error.body(message)
-        inv.finish(Result(outcome, body, api_error=api_error))
+    def _refuse(self, inv: Invocation) -> None:
+        """The daemon is shutting down: 503."""
+        self.metrics.outcomes[REJECTED] += 1
+        inv.finish(Result(REJECTED, errors.SERVICE.body("The daemon is shutting down."), api_error=errors.SERVICE))
 
-    def _waited_too_long(self, inv: Invocation) -> None:
-        """Waited a whole function timeout for an instance: 429, as Lambda throttles."""
+    def _throttle(self, inv: Invocation) -> None:
+        """No room in the wait queue, or waited a whole function timeout for an instance: 429, as
+        Lambda throttles."""
         self.accepted.pop(inv.request_id, None)
-        self._reject(inv, THROTTLED, errors.TOO_MANY_REQUESTS, "Rate Exceeded.")
+        self.metrics.outcomes[THROTTLED] += 1
+        inv.finish(Result(THROTTLED, errors.throttled_body(), api_error=errors.TOO_MANY_REQUESTS))
 
     # ---- dispatch ------------------------------------------------------------------------------
     def _start(self, inv: Invocation, waiter: Waiter) -> None:
@@ -226,11 +231,6 @@ class Pool:
             if waiter.parked:
                 waiter.instance.waiters -= 1
 
-    def holder(self, request_id: str) -> Optional[Instance]:
-        """The instance running ``request_id``, or None if no runtime holds it."""
-        inv = self.in_flight.get(request_id)
-        return None if inv is None else inv.instance
-
     def respond(self, request_id: str, body: bytes) -> bool:
         return self._answer(request_id, SUCCESS, body)
 
@@ -247,56 +247,7 @@ class Pool:
         self._end(inv, Result(outcome, body, outcome != SUCCESS))
         return True
 
-    def init_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> None:
-        self.instances.init_error(instance, body, error_type)
-
-    def _timed_out(self, inv: Invocation) -> None:
-        if self.in_flight.pop(inv.request_id, None) is None:
-            return
-        instance = inv.instance
-        log.info("%s Task timed out after %.2f seconds", inv.request_id, self.timeout)
-        self._end(inv, Result(TIMEOUT, errors.timeout_error(inv.request_id, self.timeout), True))
-        if not instance.external:
-            self.instances.kill(instance, StopReason.TIMEOUT)
-
-    # ---- what a sandbox may ask (hooks.PoolControl) --------------------------------------------
-    def kill(self, instance: Instance, reason: StopReason, grace: float = 0.0) -> None:
-        self.instances.kill(instance, reason, grace)
-
-    def fail_init(self, instance: Instance, error_type: str, message: str, grace: float = 0.0) -> None:
-        self.instances.init_failed(instance, lambda request_id: errors.function_error(
-            error_type, f"RequestId: {request_id} Error: {message}"), StopReason.INIT_ERROR, grace)
-
-    def fail_restore(self, instance: Instance, message: str, grace: float = 0.0) -> None:
-        body = errors.SNAP_START.body(message)
-        self.instances.init_failed(instance, lambda request_id: body, StopReason.RESTORE_ERROR, grace,
-                                   api_error=errors.SNAP_START)
-
-    def fail_running(self, instance: Instance, error_type: str, message: str, reason: StopReason) -> None:
-        self._end_held(instance, lambda inv: Result(FUNCTION_ERROR, errors.function_error(
-            error_type, f"RequestId: {inv.request_id} Error: {message}"), True))
-        self.instances.kill(instance, reason)
-
     # ---- instances -----------------------------------------------------------------------------
-    def instance_exited(self, instance: Instance, status: str) -> None:
-        """The instance's runtime process has exited (reaped)."""
-        if instance.state is DEAD:
-            return
-        process = instance.process
-        if process is not None:
-            process.read_output()  # its last lines belong to the invocations it held
-        self.instances.exited(instance, status)
-        self._end_held(instance, lambda inv: Result(CRASH, errors.exit_error(inv.request_id, status), True))
-        self._refill()
-        if instance.stop_reason is StopReason.RELOAD:
-            self.instances.spawn_to_minimum()  # its replacement, if MIN_INSTANCES wants one warm
-        self._check_drained()
-
-    def _end_held(self, instance: Instance, result_of: Callable[[Invocation], Result]) -> None:
-        for inv in list(instance.held.values()):
-            if self.in_flight.pop(inv.request_id, None) is not None:
-                self._end(inv, result_of(inv))
-
     def _refill(self) -> None:
         """An instance is gone: start instances for invocations that wait and have none coming."""
         self.instances.fill(self.returning)
@@ -341,23 +292,13 @@ class Pool:
     async def drain(self, deadline: float) -> None:
         """Stop accepting, and wait (up to ``deadline`` seconds) for accepted invocations to end."""
         self.stop_accepting()
-        if not self.accepted:
-            return
-        self._drained = self.loop.create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._drained), deadline)
-        except asyncio.TimeoutError:
-            log.warning("%d invocations still running at shutdown", len(self.accepted))
-
-    def _check_drained(self) -> None:
-        drained = self._drained
-        if drained is not None and not self.accepted and not drained.done():
-            drained.set_result(None)
+        await self.draining.wait(deadline)
 
     def reject_queued(self) -> None:
+        """The daemon stops: what still waits for an instance gets 503."""
         while (inv := self.queue.pop_live()) is not None:
             self.accepted.pop(inv.request_id, None)
-            self._reject(inv, REJECTED, errors.SERVICE, "The daemon is shutting down.")
+            self._refuse(inv)
 
     # ---- replacing every instance --------------------------------------------------------------
     def retire_all(self) -> int:
@@ -366,3 +307,31 @@ class Pool:
         invocations get fresh instances, nothing accepted is refused or failed. Runtimes started by
         hand are not ours to stop. Returns how many instances were told to stop."""
         return self.instances.retire_all()
+
+
+class Drain:
+    """The daemon's stop waits for every accepted invocation to end (``accepted``: the pool's, request
+    id -> invocation not finished yet), or for a deadline."""
+
+    __slots__ = ("loop", "accepted", "_done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, accepted: dict) -> None:
+        self.loop = loop
+        self.accepted = accepted
+        self._done: Optional[asyncio.Future] = None
+
+    async def wait(self, deadline: float) -> None:
+        """Until no accepted invocation is left, or ``deadline`` seconds."""
+        if not self.accepted:
+            return
+        self._done = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), deadline)
+        except asyncio.TimeoutError:
+            log.warning("%d invocations still running at shutdown", len(self.accepted))
+
+    def check(self) -> None:
+        """An accepted invocation may have ended: the wait is over if it was the last."""
+        done = self._done
+        if done is not None and not self.accepted and not done.done():
+            done.set_result(None)

@@ -28,13 +28,12 @@ import logging
 from collections import deque
 from typing import Callable, Dict, Optional
 
-from . import errors
 from .config import Config
 from .deadlines import WaitQueue
 from .hooks import NO_SANDBOX, SandboxHooks
 from .instances import READY, RETURN_GRACE, STARTING, STOPPING, Instance, RuntimeProcess, StopReason
-from .invocation import REJECTED, THROTTLED, Invocation
-from .pool import Pool, Waiter
+from .invocation import Invocation
+from .pool import Pool, Waiter, take_parked
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,14 @@ class AllLanes:
     def __bool__(self) -> bool:
         return any(lane.queue for lane in self.lanes.values())
 
+    def pop_live(self) -> Optional[Invocation]:
+        """An invocation still waiting in any lane (the daemon's exit refuses them all), or None."""
+        for lane in self.lanes.values():
+            inv = lane.queue.pop_live()
+            if inv is not None:
+                return inv
+        return None
+
 
 class TenantPool(Pool):
     def __init__(self, config: Config, launcher: Callable[[Instance], RuntimeProcess],
@@ -71,7 +78,7 @@ class TenantPool(Pool):
                  hooks: SandboxHooks = NO_SANDBOX) -> None:
         self.lanes: Dict[str, Lane] = {}
         super().__init__(config, launcher, killer, output, hooks)
-        self._nothing = WaitQueue(self.loop, config.timeout, self._waited_too_long)  # stays empty
+        self._nothing = WaitQueue(self.loop, config.timeout, self._throttle)  # stays empty
         self._late_refill: Optional[asyncio.TimerHandle] = None
 
     def _wait_queue(self) -> AllLanes:
@@ -80,15 +87,13 @@ class TenantPool(Pool):
     def _lane(self, tenant: str) -> Lane:
         lane = self.lanes.get(tenant)
         if lane is None:
-            lane = self.lanes[tenant] = Lane(tenant, WaitQueue(self.loop, self.config.timeout,
-                                                               self._waited_too_long))
+            lane = self.lanes[tenant] = Lane(tenant, WaitQueue(self.loop, self.config.timeout, self._throttle))
         return lane
 
     # ---- front doors ---------------------------------------------------------------------------
     def submit(self, inv: Invocation) -> None:
         if not self.accepting:
-            self._reject(inv, REJECTED, errors.SERVICE, "The daemon is shutting down.")
-            return
+            return self._refuse(inv)
         self.accepted[inv.request_id] = inv
         tenant = inv.tenant_id
         lane = self.lanes.get(tenant)
@@ -101,9 +106,7 @@ class TenantPool(Pool):
         short = waiting > starting + returning
         room = self.instances.has_room()
         if len(self.queue) >= self.config.max_queued and not (short and room):
-            del self.accepted[inv.request_id]
-            self._reject(inv, THROTTLED, errors.TOO_MANY_REQUESTS, "Rate Exceeded.")
-            return
+            return self._throttle(inv)
         if lane is None:
             lane = self._lane(tenant)
         lane.queue.push(inv)
@@ -118,21 +121,12 @@ class TenantPool(Pool):
     def _idle_worker(self, lane: Optional[Lane], tenant: str) -> Optional[Waiter]:
         """A parked worker of ``tenant``, else one of a runtime started by hand that has no tenant
         yet (it becomes ``tenant``'s); None if there is neither."""
-        if lane is not None:
-            idle = lane.idle
-            while idle:
-                waiter = idle.popleft()
-                if waiter.alive:
-                    waiter.instance.waiters -= 1
-                    return waiter
-        unbound = self.idle
-        while unbound:
-            waiter = unbound.popleft()
-            if waiter.alive:
-                waiter.instance.waiters -= 1
+        waiter = None if lane is None else take_parked(lane.idle)
+        if waiter is None:
+            waiter = take_parked(self.idle)
+            if waiter is not None:
                 waiter.instance.tenant = tenant
-                return waiter
-        return None
+        return waiter
 
     def _queue_of(self, inv: Invocation) -> deque:
         lane = self.lanes.get(inv.tenant_id)
@@ -253,10 +247,3 @@ class TenantPool(Pool):
     def _waiting_for(self, instance: Instance) -> WaitQueue:
         lane = self._oldest_waiting() if instance.tenant is None else self.lanes.get(instance.tenant)
         return self._nothing if lane is None else lane.queue
-
-    # ---- shutdown ------------------------------------------------------------------------------
-    def reject_queued(self) -> None:
-        for lane in list(self.lanes.values()):
-            while (inv := lane.queue.pop_live()) is not None:
-                self.accepted.pop(inv.request_id, None)
-                self._reject(inv, REJECTED, errors.SERVICE, "The daemon is shutting down.")

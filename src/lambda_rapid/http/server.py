@@ -6,6 +6,11 @@ goes to the application's ``handle(request)``, which answers now or later with
 ``request.respond(...)``. No task or future is created per request; the hot path is a handful of
 callbacks.
 
+``HttpConnection`` (an asyncio protocol) reads: the parser's callbacks build each ``Request``, in
+pipelining order, within the limits; it decides keep-alive and closing. A ``Request`` writes its own
+answer (whole, or streamed in chunks) and tells its connection when it is done. Flow control, both
+ways, is a ``FlowControl`` per connection (flow.py).
+
 The parser is httptools when it is installed; without it (the single-file build carries no C
 extensions) ``h11_parser``, which runs h11 behind httptools' interface, so one connection class
 serves both. ``BACKEND`` says which one this process uses.
@@ -31,6 +36,8 @@ try:
 except ImportError:  # no C extensions (single-file build): h11, behind the same interface
     from . import h11_parser as BACKEND
 
+from .flow import PIPELINED, SINK_FULL, FlowControl
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 65536
@@ -41,9 +48,6 @@ MAX_PARTIAL_HEAD = MAX_HEADER_BYTES + 4096
 # request bytes waiting: a client that was about to reuse it has sent by then (and a client that
 # reuses one later sees it closed first: urllib3, Go's and Node's clients check before reusing).
 IDLE_LINGER = 1.0
-# Why a connection stopped reading (pause_reading): bits, reading resumes when none is left.
-_PIPELINED = 1  # requests wait behind the one being answered
-_SINK_FULL = 2  # the body goes to a connection whose send buffer is full (a streamed answer)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _JSON = b"content-type: application/json\r\n"
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -84,8 +88,9 @@ class _StopParsing(Exception):
 
 
 class Request:
-    """One parsed request. ``respond`` may be called once, now or later, from any callback; or the
-    answer is streamed: ``start``, any number of ``write``, then ``end`` (chunked transfer coding).
+    """One parsed request and its answer. ``respond`` may be called once, now or later, from any
+    callback; or the answer is streamed: ``start``, any number of ``write``, then ``end`` (chunked
+    transfer coding). The answer's bytes are written here; its connection is told when it is done.
 
     The body is handed over whole, unless the application sets ``on_chunk`` before it arrives
     (from ``body_limit``, called when the head is complete): then each piece goes to ``on_chunk``
@@ -116,7 +121,30 @@ class Request:
             return
         self.answered = True
         self.on_abandon = None  # often a bound method of an object holding this request: no cycle
-        self.conn.write_response(self, status, headers, body, close)
+        conn = self.conn
+        if conn.closed:
+            return
+        server = conn.server
+        if server.draining and conn.last_request():
+            self.keep_alive = False
+        close = close or not self.keep_alive
+        head = b"".join((
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            headers,
+            server.date_header,
+            b"connection: close\r\n" if close else b"",
+            b"content-length: %d\r\n\r\n" % len(body),
+        ))
+        if self.method == "HEAD":
+            body = b""  # the GET's headers, never a body: its bytes would be read as the next response
+        transport = conn.transport
+        assert transport is not None
+        if len(body) < 65536:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        conn.answered(self, close)
 
     def respond_json(self, status: int, body: bytes, headers: bytes = b"") -> None:
         self.respond(status, _JSON + headers, body)
@@ -124,7 +152,19 @@ class Request:
     def start(self, status: int, headers: bytes = b"") -> None:
         """Send the head of a streamed answer; the body follows with ``write`` and ``end``.
         ``on_abandon`` still fires if the client goes away before ``end``."""
-        self.conn.start_stream(self, status, headers)
+        conn = self.conn
+        if conn.closed:
+            return
+        server = conn.server
+        if server.draining and conn.last_request():
+            self.keep_alive = False
+        conn.transport.write(b"".join((  # type: ignore[union-attr]
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            headers,
+            server.date_header,
+            b"connection: close\r\n" if not self.keep_alive else b"",
+            b"transfer-encoding: chunked\r\n\r\n",
+        )))
 
     def write(self, data: bytes) -> Optional[Request]:
         """One piece of a streamed answer, sent at once (as one chunk). Returns this request when
@@ -132,18 +172,19 @@ class Request:
         producer should stop until ``when_drained`` calls back; None otherwise."""
         if data and not self.answered:
             conn = self.conn
-            conn.write_chunk(data)
-            if conn.write_paused:
+            if not conn.closed:
+                conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # type: ignore[union-attr]
+            if conn.flow.writing_paused:
                 return self
         return None
 
     def when_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the client's socket takes more again (or the client is gone)."""
         conn = self.conn
-        if conn.write_paused and not conn.closed:
-            conn.drain_waiters.append(callback)
-        else:
+        if conn.closed:
             callback()
+        else:
+            conn.flow.when_drained(callback)
 
     def end(self) -> None:
         """Finish a streamed answer."""
@@ -151,13 +192,18 @@ class Request:
             return
         self.answered = True
         self.on_abandon = None
-        self.conn.end_stream(self)
+        conn = self.conn
+        if not conn.closed:
+            conn.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            conn.answered(self, not self.keep_alive)
 
 
 class HttpConnection(asyncio.Protocol):
+    """One client connection: its parser's callbacks make its requests, answered in order."""
+
     __slots__ = ("server", "app", "transport", "parser", "current", "active", "pending", "started",
                  "idle_since", "header_bytes", "url_parts", "context", "closed", "peer", "upgrading",
-                 "partial_head", "ended", "paused", "write_paused", "drain_waiters")
+                 "partial_head", "ended", "flow")
 
     def __init__(self, server: HttpServer, context: object = None) -> None:
         self.server = server
@@ -177,13 +223,12 @@ class HttpConnection(asyncio.Protocol):
         self.upgrading: Optional[Request] = None  # a request asking for Upgrade, parsed again without it
         self.partial_head = 0  # bytes received while a request head is unfinished
         self.ended = False  # a request without keep-alive was read: nothing after it is served
-        self.paused = 0  # why reading is paused (_PIPELINED, _SINK_FULL bits)
-        self.write_paused = False  # the transport's send buffer is over its high-water mark
-        self.drain_waiters: list = []  # called when it is below again
+        self.flow: Optional[FlowControl] = None  # from connection_made
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)  # type: ignore[arg-type]
         self.peer = transport.get_extra_info("peername")
         self.idle_since = self.server.now
         self.server.connections.add(self)
@@ -229,7 +274,7 @@ class HttpConnection(asyncio.Protocol):
         requests.extend(self.pending)
         self.active = None
         self.pending.clear()
-        self._drained()  # a producer paused for this connection goes on (its bytes go nowhere now)
+        self.flow.release()  # type: ignore[union-attr]  # a producer paused for it goes on
         for request in requests:
             if request.on_abandon is not None and not request.answered:
                 request.answered = True
@@ -239,32 +284,10 @@ class HttpConnection(asyncio.Protocol):
                     log.exception("error while abandoning a request")
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.pause_writing()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        self._drained()
-
-    def _drained(self) -> None:
-        waiters = self.drain_waiters
-        if waiters:
-            self.drain_waiters = []
-            for callback in waiters:
-                callback()
-
-    def _pause(self, reason: int) -> None:
-        if not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def _resume(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed and self.transport is not None:
-                self.transport.resume_reading()
-
-    def _sink_drained(self) -> None:
-        self._resume(_SINK_FULL)
+        self.flow.resume_writing()  # type: ignore[union-attr]
 
     # ---- parser callbacks (httptools', or h11_parser's with the same shape) -------------------
     def on_message_begin(self) -> None:
@@ -328,8 +351,9 @@ class HttpConnection(asyncio.Protocol):
             self.started = self.server.now or 1.0  # a streamed body times out between pieces, not overall
             sink = request.on_chunk(body)  # type: ignore[union-attr]
             if sink is not None:  # its consumer's socket is full: read no more until it drains
-                self._pause(_SINK_FULL)
-                sink.when_drained(self._sink_drained)
+                flow = self.flow
+                flow.pause_reading(SINK_FULL)  # type: ignore[union-attr]
+                sink.when_drained(flow.sink_drained)  # type: ignore[union-attr]
             return
         request._parts.append(body)  # type: ignore[union-attr]
 
@@ -351,57 +375,10 @@ class HttpConnection(asyncio.Protocol):
             self.app.handle(request)
         else:
             self.pending.append(request)
-            self._pause(_PIPELINED)
+            self.flow.pause_reading(PIPELINED)  # type: ignore[union-attr]
 
-    # ---- writing -----------------------------------------------------------------------------
-    def write_response(self, request: Request, status: int, headers: bytes, body: bytes, close: bool) -> None:
-        if self.closed:
-            return
-        if self.server.draining and self._last_request():
-            request.keep_alive = False
-        close = close or not request.keep_alive
-        head = b"".join((
-            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
-            headers,
-            self.server.date_header,
-            b"connection: close\r\n" if close else b"",
-            b"content-length: %d\r\n\r\n" % len(body),
-        ))
-        if request.method == "HEAD":
-            body = b""  # the GET's headers, never a body: its bytes would be read as the next response
-        transport = self.transport
-        assert transport is not None
-        if len(body) < 65536:
-            transport.write(head + body)
-        else:
-            transport.write(head)
-            transport.write(body)
-        self._answered(request, close)
-
-    def start_stream(self, request: Request, status: int, headers: bytes) -> None:
-        if self.closed:
-            return
-        if self.server.draining and self._last_request():
-            request.keep_alive = False
-        self.transport.write(b"".join((  # type: ignore[union-attr]
-            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
-            headers,
-            self.server.date_header,
-            b"connection: close\r\n" if not request.keep_alive else b"",
-            b"transfer-encoding: chunked\r\n\r\n",
-        )))
-
-    def write_chunk(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # type: ignore[union-attr]
-
-    def end_stream(self, request: Request) -> None:
-        if self.closed:
-            return
-        self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
-        self._answered(request, not request.keep_alive)
-
-    def _answered(self, request: Request, close: bool) -> None:
+    # ---- answers, keep-alive ------------------------------------------------------------------
+    def answered(self, request: Request, close: bool) -> None:
         """The answer to ``request`` is written: close, or go on with the next pipelined request."""
         transport = self.transport
         assert transport is not None
@@ -415,11 +392,11 @@ class HttpConnection(asyncio.Protocol):
         if self.pending and self.active is None:
             nxt = self.pending.popleft()
             if not self.pending:
-                self._resume(_PIPELINED)
+                self.flow.resume_reading(PIPELINED)  # type: ignore[union-attr]
             self.active = nxt
             self.app.handle(nxt)
 
-    def _last_request(self) -> bool:
+    def last_request(self) -> bool:
         """Whether the request being answered is the last one this connection has: none queued,
         none begun, no byte of another waiting in the socket. Only then may a draining server
         answer it with ``connection: close`` and close: a request already sent gets its answer."""
@@ -429,7 +406,7 @@ class HttpConnection(asyncio.Protocol):
 
     def idle(self) -> bool:
         """No request on this connection: none being answered, queued, begun or waiting unread."""
-        return self.active is None and self._last_request()
+        return self.active is None and self.last_request()
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a request we could not parse or accept, then close the connection."""
@@ -439,8 +416,13 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(b"".join((
             _STATUS_LINES[status], _JSON, self.server.date_header,
             b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body), body)))
+        self.close()
+
+    def close(self) -> None:
+        """Close now (what is written is still sent); nothing more is read or answered."""
         self.closed = True
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def timed_out(self) -> None:
         log.info("closing connection from %s: request not received in time", self.peer)
@@ -511,9 +493,7 @@ class HttpServer:
                 conn.timed_out()
             elif (self.idle_timeout is not None and conn.active is None and not conn.pending
                   and conn.current is None and now - conn.idle_since > self.idle_timeout):
-                conn.closed = True
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn.close()
         self._timer = loop.call_later(1.0, self._tick)
 
     async def listen(self, host: str, port: int = 0, *, sock=None, context: object = None,
@@ -600,8 +580,7 @@ class HttpServer:
                     if not conn.idle():
                         conn.idle_since = now  # bytes are waiting: the request they are gets read
                     elif now - conn.idle_since >= linger:
-                        conn.closed = True
-                        conn.transport.close()
+                        conn.close()
             await asyncio.sleep(0.02)
 
     def close(self) -> None:
@@ -614,6 +593,4 @@ class HttpServer:
 
     def close_connections(self) -> None:
         for conn in list(self.connections):
-            conn.closed = True
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()

@@ -5,7 +5,7 @@ A spawned instance's sandbox holds its runtime, the external extensions (the exe
 ``LAMBDA_EXTENSIONS_DIR``, in the runtime's process group), internal extensions (registered from
 inside the runtime) and its telemetry. The main port's sandbox (``instance`` None) is where runtimes
 and extensions started by hand meet; it is always ``READY``. State only: what happens on each
-move is decided by lifecycle.py.
+move is decided by lifecycle.py (and its restore.py, shutdown.py).
 """
 
 from __future__ import annotations

@@ -1,21 +1,16 @@
 """The sandbox lifecycle: what extensions add to an instance's life, as the pool's ``SandboxHooks``
-(hooks.py) and its killer.
+(hooks.py). It keeps every instance's ``Sandbox`` (environment.py) and decides what each event does
+to it; two phases have their own module, built here and given what they need: SnapStart's restore
+(restore.py: the Runtime API's ``restore/next`` and ``restore/error``) and the shutdown (shutdown.py:
+SHUTDOWN and AWS's 2 s for external extensions before SIGKILL; the pool's killer).
 
 * Launch: the runtime is held (SIGSTOP) while the external extensions start in its process group,
-  and let go (SIGCONT) once they have all registered.
+  and let go (SIGCONT) once they have all registered; their output and exits, and the runtime's.
 * The gate on the runtime's ``/next``: init completes only when every extension waits in
   ``event/next``; after an invocation the instance takes new work only when every extension is back
   there (AWS's post-invoke phase), bounded by the invocation's deadline.
-* ``INVOKE`` to the extensions when an invocation starts; ``SHUTDOWN`` on every kind of stop, with
-  AWS's 2 s for external extensions before SIGKILL.
+* ``INVOKE`` to the extensions when an invocation starts; the invocation's telemetry when it ends.
 * Init failures caused by extensions, answered with ``Extension.*`` errors naming the extension.
-* SnapStart (``AWS_LAMBDA_INITIALIZATION_TYPE=snap-start``): the init ends when the runtime asks for
-  ``restore/next`` (after its before-snapshot hooks) and every extension waits; no snapshot is taken,
-  so the instance is "restored" at once: ``restore/next`` is answered, the runtime runs its
-  after-restore hooks and the restore ends with its first ``/next`` (or with ``restore/error``, which
-  fails the invocation waiting for it with ``SnapStartException``). Telemetry gets
-  ``platform.restoreStart``, ``platform.restoreRuntimeDone`` and ``platform.restoreReport``.
-  https://docs.aws.amazon.com/lambda/latest/dg/snapstart-runtime-hooks-custom.html
 
 Every wait is bounded; a broken extension fails its instance, never the daemon. The Extensions API's
 HTTP handlers (extensions_api.py) call in here; the pool is asked for things only through the
@@ -34,42 +29,22 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 from .. import errors
 from ..config import Config
 from ..hooks import PoolControl
-from ..instances import DEAD, INIT_ERROR_GRACE, STARTING, Instance, StopReason
+from ..instances import DEAD, STARTING, Instance, StopReason
 from ..invocation import Invocation, Result
 from ..reports import Report
 from . import platform_events
-from .environment import (
-    FAILED,
-    GONE,
-    INITIALIZING,
-    READY,
-    REGISTERING,
-    RESTORING,
-    SHUTTING_DOWN,
-    Extension,
-    Sandbox,
-)
+from .environment import FAILED, GONE, INITIALIZING, READY, REGISTERING, RESTORING, SHUTTING_DOWN, Extension, Sandbox
 from .process import Child, ProcessManager
+from .restore import RestorePhase
+from .shutdown import INIT_REASONS, SHUTDOWN_REASONS, ShutdownPhase, signal_pid
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from ..pool import Waiter
-    from .runtime_api import RestoreNext
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 2.0  # AWS: 2,000 ms for a function with external extensions
 DISABLE_MARKER = "/opt/disable-extensions-jwigqn8j"
-# Why an instance is stopped -> AWS's SHUTDOWN reason (anything else: "failure").
-SHUTDOWN_REASONS = {StopReason.IDLE: "spindown", StopReason.SHUTDOWN: "spindown", StopReason.RELOAD: "spindown",
-                    StopReason.OTHER_TENANT: "spindown", StopReason.TIMEOUT: "timeout"}
-INIT_REASONS = (StopReason.INIT_ERROR, StopReason.INIT_TIMEOUT)
-# SnapStart: the error an invocation gets when its instance's after-restore hook failed (botocore's
-# Lambda model, SnapStartException); the runtime's own error is in the function's log.
-RESTORE_FAILED = ("The afterRestore() runtime hook encountered an error. For more information, check the Amazon "
-                  "CloudWatch logs.")
-# AWS's RAPID names of the runtime's states, for a restore call out of turn (core/runtime_state_names.go).
-RUNTIME_STATE_NAMES = {REGISTERING: "Started", INITIALIZING: "Started", RESTORING: "Restoring", READY: "Running"}
 
 
 def find_external_extensions(directory: str) -> List[tuple]:
@@ -94,6 +69,8 @@ def find_external_extensions(directory: str) -> List[tuple]:
 
 
 class SandboxLifecycle:
+    """Every instance's sandbox, from its launch until its runtime and extensions have exited."""
+
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, procs: ProcessManager,
                  output: Callable[[bytes], None]) -> None:
         self.config = config
@@ -107,6 +84,8 @@ class SandboxLifecycle:
         self.by_id: Dict[str, Extension] = {}
         self.main = Sandbox(None, None, [], Telemetry(loop, config.managed_instances))
         self.main.telemetry.init_done()
+        self.shutdown = ShutdownPhase(loop, procs, self.sandboxes, self.main)
+        self.restore = RestorePhase(config, self.sandboxes, self._init_complete, self.shutdown)
 
     def sandbox_of(self, instance: Instance) -> Optional[Sandbox]:
         return self.main if instance.external else self.sandboxes.get(instance)
@@ -161,14 +140,14 @@ class SandboxLifecycle:
             return
         sandbox.held.clear()
         if sandbox.phase is RESTORING:  # it died in its after-restore hooks
-            self._end_restore(sandbox, "failure", "Runtime.ExitError")
+            self.restore.end(sandbox, "failure", "Runtime.ExitError")
         if sandbox.children:
             if (sandbox.phase is READY or sandbox.phase is RESTORING) and instance.stop_reason not in INIT_REASONS:
-                self._begin_shutdown(sandbox, SHUTDOWN_REASONS.get(instance.stop_reason, "failure"))
+                self.shutdown.begin(sandbox, SHUTDOWN_REASONS.get(instance.stop_reason, "failure"))
             elif sandbox.phase is not SHUTTING_DOWN:
                 if sandbox.phase is not FAILED:
                     sandbox.advance(FAILED)
-                self._kill_group(sandbox)
+                self.shutdown.kill_group(sandbox)
         self._forget_if_gone(sandbox)
 
     def _extension_exited(self, sandbox: Sandbox, name: str, status: str) -> None:
@@ -218,7 +197,7 @@ class SandboxLifecycle:
             if not sandbox.extensions:
                 return False  # nothing to wait for, ever: the hot path
         elif phase is RESTORING:
-            self._end_restore(sandbox, "success")  # its first /next: the after-restore hooks are done
+            self.restore.end(sandbox, "success")  # its first /next: the after-restore hooks are done
             return False
         elif not sandbox.initializing:
             return False
@@ -226,7 +205,7 @@ class SandboxLifecycle:
             if phase is not READY:
                 self._init_complete(sandbox)
                 if sandbox.phase is RESTORING:  # SnapStart, and the runtime skipped restore/next
-                    self._end_restore(sandbox, "success")
+                    self.restore.end(sandbox, "success")
             return False
         sandbox.held.append(waiter)
         if phase is READY and sandbox.timer is None:
@@ -264,7 +243,7 @@ class SandboxLifecycle:
         if sandbox is not None and sandbox.phase is RESTORING:
             # The after-restore hooks outlasted the init timeout (AWS's RAPID reports a restore
             # timeout as Runtime.Unknown: rapid/handlers.go getFirstFatalError).
-            self._end_restore(sandbox, "timeout", "Runtime.Unknown")
+            self.restore.end(sandbox, "timeout", "Runtime.Unknown")
             sandbox.advance(FAILED)
             return None
         if sandbox is None or not sandbox.initializing:
@@ -286,7 +265,7 @@ class SandboxLifecycle:
         if sandbox.phase is REGISTERING and sandbox.all_registered():
             sandbox.advance(INITIALIZING)
             if instance.state is not DEAD and instance.pid > 1:
-                _signal(instance.pid, signal.SIGCONT)
+                signal_pid(instance.pid, signal.SIGCONT)
         waiting = sandbox.held or sandbox.restore_next is not None
         if waiting and sandbox.all_waiting() and (sandbox.phase is READY or sandbox.initializing):
             if sandbox.phase is READY:
@@ -312,63 +291,7 @@ class SandboxLifecycle:
         platform_events.init_done(sandbox.telemetry, self.config, (time.monotonic() - sandbox.started) * 1000)
         sandbox.telemetry.init_done()
         if sandbox.phase is RESTORING:
-            self._begin_restore(sandbox)
-
-    # ---- SnapStart -------------------------------------------------------------------------------
-    def restore_next(self, instance: Instance, waiter: RestoreNext) -> Optional[str]:
-        """GET /restore/next: the runtime's init (and its before-snapshot hooks) is done. Its answer
-        waits for the extensions, as the first /next does; then the instance is restored at once."""
-        if instance.external:
-            waiter.restored()  # a runtime started by hand: nothing to snapshot, nothing reported
-            return None
-        sandbox = self.sandboxes.get(instance)
-        held = None if sandbox is None else sandbox.restore_next
-        if sandbox is None or not sandbox.initializing or (held is not None and held.alive):
-            return self._out_of_turn(sandbox, "Ready")
-        sandbox.restore_next = waiter
-        if sandbox.all_waiting():
-            self._init_complete(sandbox)
-        return None
-
-    def restore_error(self, instance: Instance, body: bytes, error_type: Optional[str]) -> Optional[str]:
-        """POST /restore/error: an after-restore hook failed (awslambdaric exits right after the 202).
-        The invocation waiting for this instance gets SnapStartException; the next one a fresh instance."""
-        if instance.external:
-            log.warning("a runtime started by hand reported a restore error: %s", body[:500])
-            return None
-        sandbox = self.sandboxes.get(instance)
-        if sandbox is None or sandbox.phase is not RESTORING:
-            return self._out_of_turn(sandbox, "RuntimeRestoreErrorState")
-        error_type = error_type or "Runtime.Unknown"
-        log.error("instance #%d: after-restore hook failed (%s): %s", instance.number, error_type, body[:500])
-        self._end_restore(sandbox, "error", error_type)
-        # Its extensions are past their init (registered before the "snapshot"): they get SHUTDOWN
-        # (failure) and their 2 s, with the telemetry sent, as when a runtime fails after init.
-        self._begin_shutdown(sandbox, "failure")
-        sandbox.pool.fail_restore(instance, RESTORE_FAILED, INIT_ERROR_GRACE)
-        return None
-
-    @staticmethod
-    def _out_of_turn(sandbox: Optional[Sandbox], to: str) -> str:
-        state = "Running" if sandbox is None else RUNTIME_STATE_NAMES.get(sandbox.phase, "Running")
-        return f"State transition from {state} to {to} failed for runtime. Error: State transition is not allowed"
-
-    def _begin_restore(self, sandbox: Sandbox) -> None:
-        """Init is complete; the snapshot would be taken now and restored later: at once, here."""
-        sandbox.restore_started = time.monotonic()
-        sandbox.instance.restore_started = sandbox.restore_started  # its first REPORT: the Restore Duration
-        platform_events.restore_start(sandbox.telemetry, self.config, sandbox.instance_id)
-        waiter, sandbox.restore_next = sandbox.restore_next, None
-        if waiter is not None:
-            waiter.restored()
-
-    def _end_restore(self, sandbox: Sandbox, status: str, error_type: Optional[str] = None) -> None:
-        """The after-restore hooks ended; a successful restore makes the sandbox READY (after a failed
-        one the caller tears it down)."""
-        if status == "success":
-            sandbox.advance(READY)
-        platform_events.restore_done(sandbox.telemetry, status, (time.monotonic() - sandbox.restore_started) * 1000,
-                                     error_type)
+            self.restore.begin(sandbox)
 
     def fail_init(self, sandbox: Sandbox, error_type: str, message: str, grace: float = 0.0) -> None:
         """The sandbox's init failed because of an extension: the waiting invocation gets why."""
@@ -379,59 +302,3 @@ class SandboxLifecycle:
         log.error("instance #%d: %s: %s", instance.number, error_type, message)
         platform_events.init_failed(sandbox.telemetry, self.config, "failure", error_type)
         sandbox.pool.fail_init(instance, error_type, message, grace)
-
-    # ---- stopping --------------------------------------------------------------------------------
-    def kill(self, instance: Instance, sig: int) -> None:
-        """The pool's killer: with external extensions alive after init, SHUTDOWN them first and
-        SIGKILL what is left after 2 s; the runtime goes at once."""
-        sandbox = self.sandboxes.get(instance)
-        if (sandbox is not None and sandbox.children and instance.stop_reason not in INIT_REASONS
-                and sandbox.phase in (READY, RESTORING, SHUTTING_DOWN)):
-            self._begin_shutdown(sandbox, SHUTDOWN_REASONS.get(instance.stop_reason, "failure"))
-            if instance.pid in self.procs.children:
-                _signal(instance.pid, signal.SIGKILL)
-            return
-        if sandbox is not None and sandbox.initializing:
-            sandbox.advance(FAILED)
-        if instance.pid:
-            self.procs.signal_group(instance.pid, sig)
-
-    def _begin_shutdown(self, sandbox: Sandbox, reason: str) -> None:
-        if sandbox.phase is SHUTTING_DOWN or sandbox.phase is GONE or sandbox.phase is FAILED:
-            return
-        deadline_ms = int((time.time() + SHUTDOWN_GRACE) * 1000)
-        sandbox.deliver("SHUTDOWN", {"shutdownReason": reason, "deadlineMs": deadline_ms}, replace=True)
-        sandbox.telemetry.flush()
-        timer = None
-        if sandbox.instance is not None:
-            log.info("instance #%d: SHUTDOWN (%s) sent to its extensions", sandbox.instance.number, reason)
-            timer = self.loop.call_later(SHUTDOWN_GRACE, self._kill_group, sandbox)
-        sandbox.advance(SHUTTING_DOWN, timer)
-
-    def _kill_group(self, sandbox: Sandbox) -> None:
-        if sandbox.phase is SHUTTING_DOWN:
-            sandbox.timer = None
-        instance = sandbox.instance
-        # The group id is the runtime's pid; it stays valid as long as one of our children is in it.
-        if instance is not None and (sandbox.children or instance.state is not DEAD) and instance.pid > 1:
-            self.procs.signal_group(instance.pid, signal.SIGKILL)
-
-    async def shutdown(self) -> None:
-        """Daemon exit: SHUTDOWN to every extension, then wait (up to 2 s) for them to exit."""
-        self._begin_shutdown(self.main, "spindown")
-        sandboxes = [s for s in self.sandboxes.values() if s.children and s.phase is not FAILED]
-        for sandbox in sandboxes:
-            self._begin_shutdown(sandbox, "spindown")
-        deadline = self.loop.time() + SHUTDOWN_GRACE
-        while any(s.children for s in sandboxes) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for sandbox in sandboxes:
-            for child in list(sandbox.children.values()):
-                _signal(child.pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -2,7 +2,8 @@
 sandbox and the pool know. Record shapes follow AWS's Telemetry API schema reference:
 https://docs.aws.amazon.com/lambda/latest/dg/telemetry-schema-reference.html
 
-Pure construction and emission: when each event happens is lifecycle.py's business.
+Pure construction and emission: when each event happens is the lifecycle's business
+(lifecycle.py, restore.py, shutdown.py).
 
 ``initializationType`` is the function's ``AWS_LAMBDA_INITIALIZATION_TYPE`` (``on-demand``, or
 ``snap-start`` as AWS's RAPID reports a SnapStart init: telemetry.InferInitType). With

@@ -5,7 +5,7 @@ call comes from is known from the listener it arrived on (each spawned instance 
 ``AWS_LAMBDA_RUNTIME_API`` port); calls on the main port come from runtimes started by hand.
 Other APIs served on the same port (Extensions, Telemetry) are given as ``routes`` when it is built;
 the SnapStart endpoints (``restore/next``, ``restore/error``) are served only for a SnapStart function,
-their effects are the sandbox lifecycle's (``restore``).
+their effects are SnapStart's restore phase's (``restore``, sandbox/restore.py).
 Reference: https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html,
 https://docs.aws.amazon.com/lambda/latest/dg/snapstart-runtime-hooks-custom.html
 
@@ -52,7 +52,7 @@ STALE_BODY = errors.runtime_api_error("InvokeTimeout", "Invoke timeout")
 
 
 class Restore(Protocol):
-    """What the SnapStart endpoints ask of the sandbox layer (sandbox/lifecycle.py implements it)."""
+    """What the SnapStart endpoints ask of the sandbox layer (sandbox/restore.py implements it)."""
 
     def restore_next(self, instance: Instance, waiter: RestoreNext) -> Optional[str]:
         """The runtime of ``instance`` is ready for its snapshot: ``waiter.restored()`` once it is
@@ -173,8 +173,8 @@ class RuntimeApi:
         elif path == INIT_ERROR:
             if request.method != "POST":
                 return self._method_not_allowed(request, "POST")
-            self.pool.init_error(self.instance_of(request), request.body,
-                                 request.headers.get("lambda-runtime-function-error-type"))
+            self.pool.failures.init_error(self.instance_of(request), request.body,
+                                          request.headers.get("lambda-runtime-function-error-type"))
             return request.respond_json(202, ACCEPTED)
         elif path in (RESTORE_NEXT, RESTORE_ERROR) and self.restore is not None:
             return self._restore(request, path)
