@@ -540,14 +540,16 @@ class Broker:
         if self.connection is None:
             return
         for queue in self.queues:
-            channel = await self.channel()
-            try:
-                await channel.queue_delete(queue)
-            except Exception:
-                pass
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+            for _attempt in range(3):  # the shared broker may be restarting right now
+                channel = await self.channel()
+                try:
+                    await channel.queue_delete(queue)
+                    break
+                except Exception as e:
+                    log(f"deleting queue {queue}: {type(e).__name__}: {e}")
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
         await self.connection.close()
 
 
