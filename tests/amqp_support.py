@@ -217,6 +217,7 @@ class BrokerPath:
         self.closed = False
         self.lock = threading.Lock()
         self.sockets: list = []
+        self.frozen: set = set()  # sockets of connections that pass nothing any more (a partition)
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
 
@@ -241,19 +242,28 @@ class BrokerPath:
                 self.threads.append(thread)
                 thread.start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if src in self.frozen:
+                    continue  # partitioned: the bytes are lost on the way
                 dst.sendall(data)
         except OSError:
             pass
+        if src in self.frozen:
+            return  # nothing gets through a partition, not even the end of the connection
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def freeze(self) -> None:
+        """A network partition: the connections open now pass no byte either way and are never seen
+        to close (each side finds out only by its heartbeat); new connections pass as usual."""
+        with self.lock:
+            self.frozen.update(self.sockets)
 
     def cut(self) -> None:
         self.open = False

@@ -277,6 +277,29 @@ def test_redelivery_after_an_outage_is_answered_from_the_run(daemon_factory, que
         assert metric(daemon, SUCCESS) == 1
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_partition_mid_reply_runs_nothing_twice(daemon_factory, queue_type):
+    """A network partition (nothing passes, nothing is seen to close) while runs end: their replies
+    wait for a confirm that never comes until the daemon's heartbeat check gives the connection up
+    (aiormq then cancels the confirms), while the broker's own heartbeat check has requeued the
+    requests. The redelivered copies are answered from the runs here, not run again."""
+    name = unique_name(f"amqp-partition-{queue_type}")
+    with BrokerPath() as path, RpcClient() as client:
+        daemon = amqp_daemon(daemon_factory, name, "handlers.sleep", AMQP_QUEUE_TYPE=queue_type,
+                             AMQP_URI=path.uri("connection_attempts=100&retry_delay=0.5&heartbeat=1"),
+                             AWS_LAMBDA_FUNCTION_TIMEOUT=10)
+        cids = [client.send(name, b'{"seconds": 0.5}', persistent=True) for _ in range(2)]
+        wait_until(lambda: 'lambda_instances{state="busy"} 1' in daemon.metrics(), 15, message="running")
+        path.freeze()
+        wait_until(lambda: "lost" in daemon.stderr, 30, 0.1, "the daemon giving the connection up")
+        answers = [json.loads(client.wait(cid, 30)[1])["slept"] for cid in cids]
+        assert answers == [0.5, 0.5]
+        wait_until(lambda: _queue_counts(name) == (0, 0), 10, 0.1, "the copies acked")
+        client.conn.process_data_events(0.3)
+        assert client.replies == {}  # one reply each, not two
+        assert metric(daemon, SUCCESS) == 2, daemon.stderr  # each ran once
+
+
 def test_broker_restart_mid_invocation_runs_nothing_twice(daemon_factory):
     """A broker restart while a request runs (RabbitMQ stopped 0.3 s after the persistent requests
     were published, the function sleeping 1 s), for both queue types in one short restart of the

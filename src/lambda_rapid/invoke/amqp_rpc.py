@@ -480,6 +480,16 @@ class AmqpRpc:
             self._flush_acks()  # queued right before the reply: one socket write for both
         try:
             await underlay.basic_publish(body, exchange="", routing_key=reply_to, properties=props, **NO_DRAIN)
+        except asyncio.CancelledError:
+            # aiormq cancels the confirm's future when it gives the connection up (a heartbeat
+            # timeout in a network partition): that is a reply not confirmed, not this task being
+            # cancelled. Let it propagate it, and the run would be gone before ``_lost`` keeps it,
+            # so its redelivered copy would run again here.
+            if _being_cancelled():
+                raise
+            log.warning("reply to %s not confirmed: the AMQP connection was given up; the request stays "
+                        "unacked", correlation_id)
+            return False
         except Exception as e:
             log.warning("reply to %s not confirmed: %s; the request stays unacked", correlation_id,
                         link.describe(e))
@@ -713,6 +723,14 @@ class ResponseStream:
         waiters, self.waiters = self.waiters, []
         for callback in waiters:
             callback()
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself was asked to stop (Python 3.11+ can tell; before, a
+    cancellation that reaches us is taken for the connection's)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _headers(table: object) -> dict:
