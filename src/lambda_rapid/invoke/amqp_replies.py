@@ -18,7 +18,6 @@ from typing import Callable, Optional
 from pamqp.commands import Basic
 
 from ..amqp import aiormq_tuning
-from ..amqp.aiormq_tuning import NO_DRAIN
 from ..amqp.link import BrokerLink
 from ..config import Config
 from ..invocation import SUCCESS, Invocation, Result
@@ -85,7 +84,7 @@ class ReplyPublisher:
         if self.acks:
             self.flush_acks()  # queued right before the reply: one socket write for both
         try:
-            await underlay.basic_publish(body, exchange="", routing_key=reply_to, properties=props, **NO_DRAIN)
+            await aiormq_tuning.publish(underlay, body, reply_to, props)
         except Exception as e:
             log.warning("reply to %s not confirmed: %s; the request stays unacked", correlation_id,
                         link.describe(e))
