@@ -199,7 +199,20 @@ def publish(channel: aiormq.Channel, body: bytes, routing_key: str, properties: 
 
         confirmation.add_done_callback(forget)
     queue.put_nowait(batch)
-    return confirmation
+    return _confirmed(confirmation)
+
+
+async def _confirmed(confirmation: asyncio.Future) -> object:
+    """The confirm; a channel that closes rejects it with CancelledError (aiormq's default close
+    reason), which must not pass for the caller's own cancellation (basic_publish turns it into
+    the close reason too): it becomes a ConnectionError unless the caller's task is being cancelled."""
+    try:
+        return await confirmation
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if confirmation.cancelled() or (task is not None and task.cancelling()):
+            raise
+        raise ConnectionError("the channel closed before the broker confirmed the publish") from None
 
 
 def on_consumer_cancel(channel: aiormq.Channel, callback: Callable[[object], None]) -> bool:
