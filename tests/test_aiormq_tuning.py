@@ -157,3 +157,43 @@ def test_broker_errors_are_recognised():
     assert aiormq_tuning.is_not_found(missing) and not aiormq_tuning.is_returned(missing)
     assert aiormq_tuning.is_returned(returned) and not aiormq_tuning.is_not_found(returned)
     assert cancels, "the broker's consumer cancel was not reported"
+
+
+def test_publish_is_confirmed_in_order_and_returns_are_matched(monkeypatch):
+    """aiormq_tuning.publish beside aiormq's own basic_publish on one channel: every publish is
+    confirmed (the numbering stays in step with the broker's), bodies arrive in order, a body past
+    the frame size is split, and a mandatory publish nobody takes comes back as a return matched
+    by its message_id (then forgotten). With aiormq not the checked shape, it is basic_publish."""
+    assert aiormq_tuning.coalesce_writes()
+
+    async def run() -> None:
+        connection = await aio_pika.connect(BROKER)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            name = unique_name("tuning-publish")
+            queue = await channel.declare_queue(name, auto_delete=False)
+            underlay = await channel.get_underlay_channel()
+            big = b"x" * (3 * underlay.max_content_size + 5)
+            props = Basic.Properties(delivery_mode=1)
+            sent = [str(i).encode() for i in range(12)] + [big]
+            await asyncio.gather(*(
+                aiormq_tuning.publish(underlay, body, name, props) if i % 3 else
+                underlay.basic_publish(body, routing_key=name, properties=props, **NO_DRAIN)
+                for i, body in enumerate(sent)))
+            got = [(await queue.get(timeout=5, no_ack=True)).body for _ in sent]
+            # publish() queues at once, basic_publish once its task runs: each in its own order
+            fast = [body for i, body in enumerate(sent) if i % 3]
+            assert sorted(got) == sorted(sent) and [body for body in got if body in fast] == fast
+            with pytest.raises(Exception) as returned:
+                await aiormq_tuning.publish(underlay, b"{}", unique_name("tuning-nobody"),
+                                            Basic.Properties(message_id="m-1", delivery_mode=1), mandatory=True)
+            assert aiormq_tuning.is_returned(returned.value)
+            assert "m-1" not in underlay.message_id_delivery_tag
+            monkeypatch.setattr(aiormq_tuning, "_shaped", False)
+            await aiormq_tuning.publish(underlay, b"last", name, props)
+            assert (await queue.get(timeout=5, no_ack=True)).body == b"last"
+            await queue.delete()
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
