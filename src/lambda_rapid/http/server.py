@@ -124,17 +124,7 @@ class Request:
         conn = self.conn
         if conn.closed:
             return
-        server = conn.server
-        if server.draining and conn.last_request():
-            self.keep_alive = False
-        close = close or not self.keep_alive
-        head = b"".join((
-            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
-            headers,
-            server.date_header,
-            b"connection: close\r\n" if close else b"",
-            b"content-length: %d\r\n\r\n" % len(body),
-        ))
+        head = self._head(conn, status, headers, close, b"content-length: %d\r\n\r\n" % len(body))
         if self.method == "HEAD":
             body = b""  # the GET's headers, never a body: its bytes would be read as the next response
         transport = conn.transport
@@ -144,7 +134,7 @@ class Request:
         else:
             transport.write(head)
             transport.write(body)
-        conn.answered(self, close)
+        conn.answered(self, close or not self.keep_alive)
 
     def respond_json(self, status: int, body: bytes, headers: bytes = b"") -> None:
         self.respond(status, _JSON + headers, body)
@@ -153,18 +143,9 @@ class Request:
         """Send the head of a streamed answer; the body follows with ``write`` and ``end``.
         ``on_abandon`` still fires if the client goes away before ``end``."""
         conn = self.conn
-        if conn.closed:
-            return
-        server = conn.server
-        if server.draining and conn.last_request():
-            self.keep_alive = False
-        conn.transport.write(b"".join((  # type: ignore[union-attr]
-            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
-            headers,
-            server.date_header,
-            b"connection: close\r\n" if not self.keep_alive else b"",
-            b"transfer-encoding: chunked\r\n\r\n",
-        )))
+        if not conn.closed:
+            conn.transport.write(  # type: ignore[union-attr]
+                self._head(conn, status, headers, False, b"transfer-encoding: chunked\r\n\r\n"))
 
     def write(self, data: bytes) -> Optional[Request]:
         """One piece of a streamed answer, sent at once (as one chunk). Returns this request when
@@ -196,6 +177,20 @@ class Request:
         if not conn.closed:
             conn.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
             conn.answered(self, not self.keep_alive)
+
+    def _head(self, conn: HttpConnection, status: int, headers: bytes, close: bool, framing: bytes) -> bytes:
+        """The head of this request's answer (``framing``: its length, or chunked). On a draining
+        server, the answer to a connection's last request closes it (``keep_alive`` becomes False)."""
+        server = conn.server
+        if server.draining and conn.last_request():
+            self.keep_alive = False
+        return b"".join((
+            _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+            headers,
+            server.date_header,
+            b"connection: close\r\n" if close or not self.keep_alive else b"",
+            framing,
+        ))
 
 
 class HttpConnection(asyncio.Protocol):
