@@ -447,26 +447,26 @@ def test_kept_runs_are_bounded_in_count_and_bytes(monkeypatch):
     """What the daemon keeps for redelivered copies (in-process: no broker needed)."""
     from lambda_rapid.config import Config
     from lambda_rapid.invocation import Invocation, Result
-    from lambda_rapid.invoke import amqp_memory, amqp_rpc
+    from lambda_rapid.invoke import amqp_rpc
 
-    monkeypatch.setattr(amqp_memory, "KEPT_COUNT", 3)
-    monkeypatch.setattr(amqp_memory, "KEPT_BYTES", 100)
+    monkeypatch.setattr(amqp_rpc, "KEPT_COUNT", 3)
+    monkeypatch.setattr(amqp_rpc, "KEPT_BYTES", 100)
 
     async def run() -> None:
-        memory = amqp_rpc.AmqpRpc(pool=None, config=Config(amqp_uri="amqp://127.0.0.1/")).memory
+        rpc = amqp_rpc.AmqpRpc(pool=None, config=Config(amqp_uri="amqp://127.0.0.1/"))
         for n in range(5):
             key = (f"cid-{n}", "reply", 2)
-            kept = amqp_memory.Kept(Invocation(f"id-{n}", b"{}", arn="arn"), None, None, False)
-            memory.keep(key, kept)
-            memory.hold(key, kept, Result("success", b"x" * 40))
-            memory.keep(key, kept)  # re-keeping counts its bytes once
-        assert list(memory.kept) == [("cid-3", "reply", 2), ("cid-4", "reply", 2)]  # 3 x 40 bytes > 100
-        assert memory.kept_bytes == 80
-        key, kept = next(iter(memory.kept.items()))
-        memory.settled(key, kept, True)  # a reply confirmed: the result goes, the entry stays for the ack
-        assert kept.replied and kept.result is None and memory.kept_bytes == 40
-        memory.forget(key)
-        memory.forget(key)
-        assert len(memory.kept) == 1 and memory.kept_bytes == 40
+            kept = amqp_rpc.Kept(Invocation(f"id-{n}", b"{}", arn="arn"), None, None, False)
+            rpc._keep(key, kept)
+            rpc._hold(key, kept, Result("success", b"x" * 40))
+            rpc._keep(key, kept)  # re-keeping counts its bytes once
+        assert list(rpc.kept) == [("cid-3", "reply", 2), ("cid-4", "reply", 2)]  # 3 x 40 bytes > 100
+        assert rpc.kept_bytes == 80
+        key, kept = next(iter(rpc.kept.items()))
+        rpc._settled(key, kept, True)  # a reply confirmed: the result goes, the entry stays for the ack
+        assert kept.replied and kept.result is None and rpc.kept_bytes == 40
+        rpc._forget(key)
+        rpc._forget(key)
+        assert len(rpc.kept) == 1 and rpc.kept_bytes == 40
 
     asyncio.run(run())

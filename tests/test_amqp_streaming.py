@@ -713,7 +713,7 @@ def test_resequencer_rules():
 
 
 def test_pieces_are_joined_and_split_at_the_message_limit():
-    from lambda_rapid.invoke.amqp_stream import ResponseStream
+    from lambda_rapid.invoke.amqp_rpc import ResponseStream
 
     limit = eventstream.PIECE_LIMIT
     stream = ResponseStream.__new__(ResponseStream)  # only its queue of pieces is used here

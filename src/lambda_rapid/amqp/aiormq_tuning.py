@@ -10,9 +10,6 @@ Three things the hot paths need that aio-pika's public API does not give:
 * **acks as one marshalled batch** on a channel's write queue (:func:`write_acks`), so that the
   acks that waited for the next reply share its write, with no task per ack.
 * **no wait for the socket drain** on publish and ack (:data:`NO_DRAIN`), when aiormq offers it.
-* **a publish with no task-switching around it** (:func:`publish`): the frames queued and the
-  confirm future registered in one synchronous step, without aiormq's lock, timeout scope,
-  random message id and write-queue await (~15 % of a reply's Python time in py-spy).
 
 And two things aiormq has no documented way to say: whether the broker cancelled a consumer
 (:func:`on_consumer_cancel`, aiormq 7 only) and which errors mean "no such queue" or "returned
@@ -29,14 +26,13 @@ import dataclasses
 import importlib.metadata
 import inspect
 import logging
-from typing import Awaitable, Callable, Coroutine, Iterable, Optional
+from typing import Callable, Coroutine, Iterable, Optional
 
 import aiormq
 import aiormq.connection
 import aiormq.exceptions
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,6 @@ log = logging.getLogger(__name__)
 # task switch less per publish and per ack.
 NO_DRAIN = {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_ack).parameters else {}
 _ORIGINAL_FRAMES = getattr(aiormq.connection, "FrameGenerator", None)
-_shaped = False  # coalesce_writes found aiormq as this module expects it: publish() may take its short cut
 
 
 class CoalescingFrames(_ORIGINAL_FRAMES or object):  # type: ignore[misc]
@@ -112,14 +107,6 @@ def shape_problems() -> list:
     for name in ("ChannelNotFoundEntity", "PublishError"):
         if not inspect.isclass(getattr(aiormq.exceptions, name, None)):
             problems.append(f"aiormq.exceptions.{name} is gone")
-    names = set(aiormq.Channel.__init__.__code__.co_names)
-    if not {"confirmations", "message_id_delivery_tag", "delivery_tag", "publisher_confirms",
-            "_Channel__lock"} <= names:
-        problems.append("aiormq.Channel no longer keeps .confirmations/.message_id_delivery_tag/.delivery_tag")
-    publish_names = set(aiormq.Channel.basic_publish.__code__.co_names)
-    if not {"lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "_split_body",
-            "create_future"} <= publish_names:
-        problems.append("aiormq.Channel.basic_publish no longer numbers publishes as publish() does")
     if "delivery_tag" not in inspect.signature(Basic.Ack).parameters:
         problems.append("pamqp's Basic.Ack no longer takes delivery_tag")
     return problems
@@ -129,7 +116,6 @@ def coalesce_writes() -> bool:
     """Make the connections opened from now on write one batch per loop turn. Process-wide (aiormq
     builds its writer from a module-level name) and idempotent; False, and aiormq left as it is,
     when aiormq no longer has the shape this relies on."""
-    global _shaped
     if aiormq.connection.FrameGenerator is CoalescingFrames:
         return True
     problems = shape_problems()
@@ -138,7 +124,6 @@ def coalesce_writes() -> bool:
                     _version("aiormq"), "; ".join(problems))
         return False
     aiormq.connection.FrameGenerator = CoalescingFrames
-    _shaped = True
     return True
 
 
@@ -161,66 +146,6 @@ def write_acks(channel: aiormq.Channel, tags: Iterable[int],
     except asyncio.QueueFull:
         return channel.write_queue.put(batch)
     return None
-
-
-def publish(channel: aiormq.Channel, body: bytes, routing_key: str, properties: Basic.Properties,
-            mandatory: bool = False) -> Awaitable:
-    """Publish ``body`` to the default exchange on a confirming ``channel``: what to await for the
-    broker's confirm (aiormq's DeliveryError / PublishError as ``basic_publish`` raises them).
-
-    The same steps as aiormq's ``basic_publish`` (number the publish, register its confirm future,
-    queue its marshalled frames) done at once, in the caller's turn: with nothing awaited between
-    numbering and queueing, the numbers follow the write order without aiormq's lock. A
-    ``mandatory`` publish must carry a ``message_id`` (by which aiormq matches a return to it).
-    Whenever that order could be at stake (the lock is held, the write queue is full), this does
-    not apply, or aiormq is not the shape :func:`coalesce_writes` checked, it is aiormq's own
-    ``basic_publish``."""
-    queue = channel.write_queue
-    if (not _shaped or channel._Channel__lock.locked() or queue.full() or not channel.publisher_confirms
-            or channel.is_closed or (mandatory and not properties.message_id)):
-        return channel.basic_publish(body, exchange="", routing_key=routing_key, properties=properties,
-                                     mandatory=mandatory, **NO_DRAIN)
-    frames = [Basic.Publish(exchange="", routing_key=routing_key, mandatory=mandatory),
-              ContentHeader(properties=properties, body_size=len(body))]
-    frames += channel._split_body(body)
-    batch = ChannelFrame.marshall(channel_number=channel.number, frames=frames, drain_future=None)
-    channel.delivery_tag += 1
-    tag = channel.delivery_tag
-    confirmation = channel.create_future()
-    channel.confirmations[tag] = confirmation
-    if mandatory:
-        message_id = properties.message_id
-        returns = channel.message_id_delivery_tag
-        returns[message_id] = tag
-
-        def forget(_future: asyncio.Future) -> None:
-            if returns.get(message_id) == tag:
-                del returns[message_id]
-
-        confirmation.add_done_callback(forget)
-    queue.put_nowait(batch)
-    return _confirmed(confirmation)
-
-
-async def _confirmed(confirmation: asyncio.Future) -> object:
-    """The confirm; a channel that closes rejects it with CancelledError (aiormq's default close
-    reason), which must not pass for the caller's own cancellation (basic_publish turns it into
-    the close reason too): it becomes a ConnectionError unless the caller's task is being cancelled."""
-    try:
-        return await confirmation
-    except asyncio.CancelledError:
-        if confirmation.cancelled() or being_cancelled():
-            raise
-        raise ConnectionError("the channel closed before the broker confirmed the publish") from None
-
-
-def being_cancelled() -> bool:
-    """Whether the running task itself was asked to stop (Python 3.11's ``Task.cancelling``;
-    before 3.11 there is no telling, and a cancellation that reaches the caller is taken for the
-    channel's)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
 
 
 def on_consumer_cancel(channel: aiormq.Channel, callback: Callable[[object], None]) -> bool:

@@ -36,6 +36,7 @@ from pamqp.commands import Basic
 
 from .. import errors
 from ..amqp import aiormq_tuning
+from ..amqp.aiormq_tuning import NO_DRAIN
 from ..amqp.link import BrokerLink, header_text
 from ..histogram import Histogram
 from ..http.server import Request, header
@@ -244,7 +245,7 @@ class Router:
         # a durable queue; quorum queues keep every message). A RequestResponse caller is answered
         # 502 when the broker goes away, and its reply-to dies with our channel: transient is enough.
         props = Basic.Properties(
-            content_type="application/json", correlation_id=rid, message_id=rid, delivery_mode=2 if event else 1,
+            content_type="application/json", correlation_id=rid, delivery_mode=2 if event else 1,
             reply_to=None if event else DIRECT_REPLY_TO,
             timestamp=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             headers=amqp_headers or None)
@@ -261,7 +262,8 @@ class Router:
         try:
             if underlay is None:
                 raise ConnectionError("no broker connection")
-            await aiormq_tuning.publish(underlay, payload, name, props, mandatory=True)
+            await underlay.basic_publish(payload, exchange="", routing_key=name, mandatory=True, properties=props,
+                                         **NO_DRAIN)
         except Exception as e:
             if aiormq_tuning.is_returned(e):
                 # Returned by the broker: no queue is bound to that name, so no daemon serves it.
